@@ -1,0 +1,20 @@
+"""connect_network: puts into the verdict trace whether the client is in a trusted
+network (the adapter sets that fact from the policy snapshot at connect; relay control
+of RCPT uses it, later access rules and flow control build on it)."""
+
+from __future__ import annotations
+
+from ..pipeline import Action, Context, Phase, Result
+
+NAME = "connect_network"
+
+
+class TrustedNetwork:
+    name = NAME
+    phases = frozenset({Phase.CONNECT})
+    timeout = 1.0
+
+    async def run(self, ctx: Context) -> list[Result]:
+        if ctx.session.trusted_network:
+            return [Result(NAME, "CLIENT_TRUSTED_NETWORK", Action.NONE, detail=ctx.session.peer_ip)]
+        return [Result(NAME, "CLIENT_UNTRUSTED", Action.NONE, detail=ctx.session.peer_ip)]

@@ -1,0 +1,407 @@
+"""Delivery: lease due messages, relay them onward, record the outcome.
+
+Recipients are grouped by route: a guarded domain's next hop, or the domain's MX
+hosts (by preference, A/AAAA fallback, RFC 7505 null MX honoured). Connections to a
+next hop are reused for a few seconds. A 4xx or an unreachable host defers the
+recipient on the retry schedule; a 5xx or expiry bounces it, with one DSN from the
+null sender per attempt that failed recipients (never for a bounce). Whatever arrived,
+what leaves has CRLF line endings only and correct dot-stuffing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import aiosmtplib
+
+from .config import parse_hostport
+from .dns import DnsTempError
+from .dsn import FailedRecipient, build_dsn
+from .queue import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
+                    new_queue_id, next_due, recover_leases)
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .engine import Engine
+
+log = logging.getLogger("mailbox_guard.delivery")
+
+LEASE_SECONDS = 1800.0
+_BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+def to_wire(body: bytes) -> bytes:
+    """Every line end as CRLF (a bare CR or LF never leaves us: the outbound half
+    of SMTP smuggling), ending with CRLF. Dot-stuffing happens at send time."""
+    out = _BARE_LINE_END.sub(b"\r\n", body)
+    if not out.endswith(b"\r\n"):
+        out += b"\r\n"
+    return out
+
+
+def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
+    """Delay after the ``attempts``-th failed attempt (1-based); the last repeats."""
+    return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+@dataclass
+class Target:
+    ip: str
+    port: int
+    name: str
+
+
+class _RouteFailure(Exception):
+    """No target could take the message: defer (temp) or bounce (perm) everyone."""
+
+    def __init__(self, permanent: bool, reply: str, status: str, remote: str | None = None):
+        super().__init__(reply)
+        self.permanent, self.reply, self.status, self.remote = permanent, reply, status, remote
+
+
+class _Pool:
+    """Idle SMTP client connections per (ip, port), reused for a short while."""
+
+    IDLE = 10.0
+    MAX_USES = 100
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[tuple[aiosmtplib.SMTP, float, int]]] = {}
+
+    def take(self, key: tuple[str, int]) -> tuple[aiosmtplib.SMTP, int] | None:
+        now = time.monotonic()
+        stack = self._idle.get(key) or []
+        while stack:
+            client, since, uses = stack.pop()
+            if now - since < self.IDLE and client.is_connected:
+                return client, uses
+            client.close()
+        return None
+
+    def give(self, key: tuple[str, int], client: aiosmtplib.SMTP, uses: int) -> None:
+        if uses >= self.MAX_USES or not client.is_connected:
+            client.close()
+            return
+        self._idle.setdefault(key, []).append((client, time.monotonic(), uses))
+
+    def prune(self) -> None:
+        now = time.monotonic()
+        for key, stack in list(self._idle.items()):
+            keep = []
+            for client, since, uses in stack:
+                if now - since < self.IDLE and client.is_connected:
+                    keep.append((client, since, uses))
+                else:
+                    client.close()
+            self._idle[key] = keep
+
+    def close_all(self) -> None:
+        for stack in self._idle.values():
+            for client, _, _ in stack:
+                client.close()
+        self._idle.clear()
+
+
+class Delivery:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.wake = asyncio.Event()
+        self.pool = _Pool()
+        self.active: set[asyncio.Task] = set()
+        self.stopping = False
+        self.delivered = 0
+        self.deferred = 0
+        self.bounced = 0
+
+    # ------------------------------------------------------------------ loop
+    async def run(self) -> None:
+        engine = self.engine
+        last_sweep = 0.0
+        while not self.stopping:
+            settings = engine.policy.settings
+            free = settings["delivery.concurrency"] - len(self.active)
+            now = time.time()
+            if now - last_sweep > 30:
+                last_sweep = now
+                with contextlib.suppress(Exception):
+                    n = await engine.writer.run(lambda c: recover_leases(c, now, expired_only=True))
+                    if n:
+                        log.warning("gave back %d expired lease(s)", n)
+                self.pool.prune()
+            ids: list[str] = []
+            if free > 0:
+                try:
+                    ids = await engine.writer.run(
+                        lambda c: lease_due(c, now, min(free, 64), LEASE_SECONDS))
+                except Exception as exc:     # store trouble: try again shortly
+                    log.error("leasing failed: %s", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+            for message_id in ids:
+                task = asyncio.ensure_future(self._deliver_one(message_id))
+                self.active.add(task)
+                task.add_done_callback(self._task_done)
+            if ids and len(ids) == min(free, 64):
+                continue           # more may be due right now
+            self.wake.clear()
+            timeout = 1.0
+            if not ids and free > 0:
+                with contextlib.suppress(Exception):
+                    due = await engine.readers.run(next_due)
+                    if due is not None:
+                        timeout = min(1.0, max(0.0, due - time.time()))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.active.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed: %r", task.exception())
+        self.wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.active:
+            # Deliveries in flight get a moment; whatever is cut off keeps its lease,
+            # which the next start gives back (at worst a duplicate, never a loss).
+            await asyncio.wait(list(self.active), timeout=timeout)
+            for task in list(self.active):
+                task.cancel()
+        self.pool.close_all()
+
+    # ------------------------------------------------------------------ one message
+    async def _deliver_one(self, message_id: str) -> None:
+        engine = self.engine
+        msg = await engine.readers.run(lambda c: load_leased(c, message_id))
+        if msg is None:
+            return
+        groups: dict[str, list[str]] = {}
+        hops: dict[str, str | None] = {}
+        for rcpt, domain in msg.recipients:
+            dom = engine.policy.guarded(domain)
+            hop = dom.next_hop if dom is not None else None
+            key = f"hop:{hop}" if hop else f"mx:{domain}"
+            groups.setdefault(key, []).append(rcpt)
+            hops[key] = hop
+        wire = to_wire(msg.body)
+        outcomes: list[RcptOutcome] = []
+        results = await asyncio.gather(*(self._deliver_group(msg, wire, key, hops[key], rcpts)
+                                         for key, rcpts in groups.items()))
+        for r in results:
+            outcomes.extend(r)
+        await self._finish(msg, outcomes)
+
+    async def _finish(self, msg: Leased, outcomes: list[RcptOutcome]) -> None:
+        engine = self.engine
+        settings = engine.policy.settings
+        now = time.time()
+        lifetime = settings["queue.max_lifetime"]
+        pending = [o for o in outcomes if o.outcome == "deferred"]
+        expired = pending and now - msg.received_at >= lifetime
+        if expired:
+            for o in pending:
+                o.outcome = "bounced"
+                o.reply = f"4.4.7 message expired after {lifetime / 86400:g} days in the queue; last reply: {o.reply}"
+        delay = retry_delay(settings["queue.retry_schedule"], msg.attempts)
+        next_attempt = min(now + delay, msg.received_at + lifetime) if pending else None
+        failed = [o for o in outcomes if o.outcome == "bounced"]
+        dsn = self._dsn(msg, failed, now) if failed and msg.mail_from else None
+        last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
+        await engine.writer.run(lambda c: finish_attempt(
+            c, msg.id, outcomes, now=now, next_attempt=next_attempt, last_error=last_error, dsn=dsn))
+        for o in outcomes:
+            if o.outcome == "delivered":
+                self.delivered += 1
+            elif o.outcome == "bounced":
+                self.bounced += 1
+            else:
+                self.deferred += 1
+            log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, o.recipient, o.outcome,
+                     o.remote or "-", o.reply[:200])
+        if dsn is not None:
+            self.wake.set()
+        elif failed:
+            log.info("%s: no bounce for a bounce (null sender)", msg.id)
+
+    def _dsn(self, msg: Leased, failed: list[RcptOutcome], now: float) -> NewMessage | None:
+        hostname = self.engine.policy.settings["smtp.hostname"]
+        recipients = []
+        for o in failed:
+            if o.reply.startswith("4.4.7"):
+                status = "4.4.7"          # expired (RFC 3463), reported as failed
+            else:
+                m = _STATUS.search(o.reply)
+                status = "5" + m.group(0)[1:] if m else "5.0.0"
+            recipients.append(FailedRecipient(
+                recipient=o.recipient, status=status,
+                diagnostic=o.reply, remote_mta=o.remote,
+                last_attempt=datetime.fromtimestamp(now, timezone.utc)))
+        try:
+            data = build_dsn(reporting_mta=hostname, original_sender=msg.mail_from, queue_id=msg.id,
+                             arrival_date=datetime.fromtimestamp(msg.received_at, timezone.utc),
+                             recipients=recipients, original_message=msg.body,
+                             now=datetime.fromtimestamp(now, timezone.utc))
+        except ValueError as exc:
+            log.warning("%s: cannot build a bounce to <%s>: %s", msg.id, msg.mail_from, exc)
+            return None
+        domain = msg.mail_from.rpartition("@")[2].lower()
+        return NewMessage(id=new_queue_id(now), mail_from="", recipients=[(msg.mail_from, domain)],
+                          body=data, received_at=now, message_id=None, listener="bounce")
+
+    # ------------------------------------------------------------------ one route
+    async def _targets(self, key: str, hop: str | None) -> list[Target]:
+        dns = self.engine.dns
+        port = self.engine.policy.settings["delivery.port"]
+        if hop:
+            host, hop_port = parse_hostport(hop, default_port=25)
+            host = host.strip("[]")
+            try:
+                ipaddress.ip_address(host)
+                return [Target(host, hop_port, host)]
+            except ValueError:
+                pass
+            try:
+                addrs = await dns.resolve_addresses(host)
+            except DnsTempError as exc:
+                raise _RouteFailure(False, f"4.4.3 next hop {host}: DNS lookup failed ({exc})", "4.4.3")
+            if not addrs:
+                raise _RouteFailure(False, f"4.4.4 next hop {host} has no address", "4.4.4")
+            return [Target(a, hop_port, host) for a in addrs]
+        domain = key[3:]
+        try:
+            mx = await dns.resolve_mx(domain)
+        except DnsTempError as exc:
+            raise _RouteFailure(False, f"4.4.3 {domain}: MX lookup failed ({exc})", "4.4.3")
+        if mx.status == "null_mx":
+            raise _RouteFailure(True, f"556 5.1.10 {domain} does not accept mail (null MX)", "5.1.10")
+        if mx.status in ("nxdomain", "no_host"):
+            raise _RouteFailure(True, f"550 5.1.2 {domain}: host or domain name not found", "5.1.2")
+        targets: list[Target] = []
+        temp_errors = 0
+        for _pref, host in mx.hosts:
+            try:
+                addrs = await dns.resolve_addresses(host)
+            except DnsTempError:
+                temp_errors += 1
+                continue
+            targets.extend(Target(a, port, host) for a in addrs)
+        if not targets:
+            if temp_errors:
+                raise _RouteFailure(False, f"4.4.3 {domain}: MX host lookup failed", "4.4.3")
+            raise _RouteFailure(True, f"550 5.4.4 {domain}: MX hosts have no address", "5.4.4")
+        return targets
+
+    async def _deliver_group(self, msg: Leased, wire: bytes, key: str, hop: str | None,
+                             rcpts: list[str]) -> list[RcptOutcome]:
+        try:
+            targets = await self._targets(key, hop)
+        except _RouteFailure as fail:
+            outcome = "bounced" if fail.permanent else "deferred"
+            return [RcptOutcome(r, outcome, fail.reply, fail.remote) for r in rcpts]
+        last = "4.4.1 no next hop could be reached"
+        remote = None
+        for target in targets:
+            try:
+                return await self._send(target, msg, wire, rcpts)
+            except _RouteFailure as fail:
+                last, remote = fail.reply, fail.remote
+                if fail.permanent:
+                    return [RcptOutcome(r, "bounced", fail.reply, fail.remote) for r in rcpts]
+        return [RcptOutcome(r, "deferred", last, remote) for r in rcpts]
+
+    async def _client(self, target: Target) -> tuple[aiosmtplib.SMTP, int]:
+        settings = self.engine.policy.settings
+        reused = self.pool.take((target.ip, target.port))
+        if reused is not None:
+            return reused
+        client = aiosmtplib.SMTP(hostname=target.ip, port=target.port,
+                                 local_hostname=settings["smtp.hostname"],
+                                 timeout=settings["delivery.command_timeout"],
+                                 start_tls=None, validate_certs=False)
+        try:
+            await asyncio.wait_for(client.connect(timeout=settings["delivery.connect_timeout"]),
+                                   settings["delivery.connect_timeout"] + 1)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            client.close()
+            raise _RouteFailure(False, f"4.4.1 connect to {target.name}[{target.ip}]:{target.port} "
+                                f"failed: {_one_line(exc)}", "4.4.1", target.name) from None
+        return client, 0
+
+    async def _send(self, target: Target, msg: Leased, wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
+        for tries in (0, 1):
+            client, uses = await self._client(target)
+            try:
+                outcomes = await self._transaction(client, uses, target, msg, wire, rcpts)
+            except aiosmtplib.SMTPServerDisconnected as exc:
+                client.close()
+                if uses and tries == 0:
+                    continue     # a reused connection the server had dropped: once more
+                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}] lost connection: "
+                                    f"{_one_line(exc)}", "4.4.2", target.name) from None
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                client.close()
+                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}]: {_one_line(exc)}",
+                                    "4.4.2", target.name) from None
+            return outcomes
+        raise _RouteFailure(False, "4.4.2 connection lost", "4.4.2", target.name)
+
+    async def _transaction(self, client: aiosmtplib.SMTP, uses: int, target: Target, msg: Leased,
+                           wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
+        remote = target.name
+        key = (target.ip, target.port)
+        try:
+            await client.mail(msg.mail_from)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            reply = _reply(exc)
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.rset()
+                self.pool.give(key, client, uses + 1)
+            if exc.code >= 500:
+                return [RcptOutcome(r, "bounced", reply, remote) for r in rcpts]
+            raise _RouteFailure(False, reply, "4.0.0", remote) from None
+        accepted: list[str] = []
+        outcomes: dict[str, RcptOutcome] = {}
+        for rcpt in rcpts:
+            try:
+                await client.rcpt(rcpt)
+                accepted.append(rcpt)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                outcomes[rcpt] = RcptOutcome(rcpt, "bounced" if exc.code >= 500 else "deferred",
+                                             _reply(exc), remote)
+        if not accepted:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.rset()
+                self.pool.give(key, client, uses + 1)
+            return [outcomes[r] for r in rcpts]
+        try:
+            resp = await client.data(wire)
+        except aiosmtplib.SMTPDataError as exc:
+            for r in accepted:
+                outcomes[r] = RcptOutcome(r, "bounced" if exc.code >= 500 else "deferred",
+                                          _reply(exc), remote)
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.rset()
+                self.pool.give(key, client, uses + 1)
+            return [outcomes[r] for r in rcpts]
+        for r in accepted:
+            outcomes[r] = RcptOutcome(r, "delivered", f"{resp.code} {_one_line(resp.message)}", remote)
+        self.pool.give(key, client, uses + 1)
+        return [outcomes[r] for r in rcpts]
+
+
+def _one_line(value: object) -> str:
+    text = str(value)
+    return " ".join(text.split())[:500]
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
+    return f"{exc.code} {_one_line(exc.message)}"

@@ -1,0 +1,323 @@
+"""The engine: one process with the SMTP listeners, the store, delivery workers and
+the policy snapshot, started and drained as one unit.
+
+``serve`` builds an :class:`Engine` for a home folder and runs it until SIGTERM or
+SIGINT (drain: stop accepting, let sessions in flight finish within
+``engine.drain_timeout``, close the store cleanly). SIGHUP reloads the policy at once;
+otherwise a change in the store is picked up within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import queue as q
+from .checks.connect_network import TrustedNetwork
+from .checks.rcpt_recipients import RecipientList
+from .checks.rcpt_relay import RelayControl
+from .config import Settings
+from .delivery import Delivery
+from .dns import DnsCache
+from .pipeline import Pipeline
+from .policy import Policy
+from .smtp_server import GuardSMTP, Handler, assert_hooks, make_protocol
+from .store import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home
+
+log = logging.getLogger("mailbox_guard.engine")
+
+DEFAULT_LISTENERS = (("inbound", "inbound", "127.0.0.1", 2525),
+                     ("submission", "submission", "127.0.0.1", 2587))
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    name: str
+    kind: str
+    host: str
+    port: int
+
+
+def default_checks() -> list:
+    """Check order is policy: relay control first in RCPT, always."""
+    return [TrustedNetwork(), RelayControl(), RecipientList()]
+
+
+def load_policy(conn) -> Policy:
+    version = int(conn.execute("SELECT value FROM meta WHERE key='policy_version'").fetchone()[0])
+    return Policy.from_rows(
+        version,
+        domains=[(r[0], r[1]) for r in conn.execute("SELECT name, next_hop FROM domains")],
+        recipients=[r[0] for r in conn.execute("SELECT address FROM recipients")],
+        networks=[r[0] for r in conn.execute("SELECT cidr FROM networks")],
+        settings={r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")})
+
+
+class EngineLockedError(StoreError):
+    pass
+
+
+class Engine:
+    def __init__(self, home: Path, *, listeners: list[ListenerSpec] | None = None) -> None:
+        self.home = Path(home)
+        self.listener_override = listeners
+        self.db_path = self.home / DB_NAME
+        self.policy = Policy(version=0, settings=Settings())
+        self.draining = False
+        self.sessions: dict[str, GuardSMTP] = {}
+        self.servers: list[tuple[ListenerSpec, asyncio.AbstractServer]] = []
+        self.bound: list[dict[str, Any]] = []
+        self.pipeline = Pipeline(default_checks())
+        self.dns: DnsCache | None = None
+        self.writer: Writer | None = None
+        self.readers: Readers | None = None
+        self.delivery: Delivery | None = None
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._bg: list[asyncio.Task] = []
+        self._lock_fd: int | None = None
+        self.started_at = time.time()
+        self.counters = {"connections": 0, "accepted": 0, "store_errors": 0}
+
+    # ------------------------------------------------------------------ start
+    def _lock(self) -> None:
+        path = self.home / "engine.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError):
+                other = os.read(fd, 32).decode().strip()
+            os.close(fd)
+            raise EngineLockedError(f"another mailbox-guard engine (pid {other or '?'}) runs "
+                                    f"with home {self.home}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def start(self) -> None:
+        ensure_home(self.home)
+        self._lock()
+        self.readers = Readers(self.db_path)
+        self.policy = await self.readers.run(load_policy)
+        settings = self.policy.settings
+        self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
+        n = await self.writer.run(lambda c: q.recover_leases(c, time.time(), expired_only=False))
+        if n:
+            log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
+        self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
+        await self._start_listeners()
+        self.delivery = Delivery(self)
+        self._bg = [asyncio.ensure_future(self.delivery.run()),
+                    asyncio.ensure_future(self._watch_policy()),
+                    asyncio.ensure_future(self._housekeeping())]
+        self._write_state()
+
+    def _listener_specs(self) -> list[ListenerSpec]:
+        if self.listener_override:
+            return list(self.listener_override)
+        rows = PolicyStore(self.db_path).listeners()
+        if rows:
+            return [ListenerSpec(r["name"], r["kind"], r["host"], r["port"]) for r in rows]
+        return [ListenerSpec(*row) for row in DEFAULT_LISTENERS]
+
+    async def _start_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for spec in self._listener_specs():
+            handler = Handler(self, spec.name, spec.kind)
+            assert_hooks(handler)
+            try:
+                server = await loop.create_server(
+                    lambda h=handler: make_protocol(self, h), spec.host, spec.port,
+                    reuse_address=True, backlog=1024)
+            except OSError as exc:
+                await self._close_servers()
+                raise StoreError(f"cannot listen on {spec.host}:{spec.port} ({spec.name}): "
+                                 f"{exc.strerror or exc}") from None
+            self.servers.append((spec, server))
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                self.bound.append({"name": spec.name, "kind": spec.kind, "host": host, "port": port})
+                log.info("listening %s (%s) on %s:%d", spec.name, spec.kind, host, port)
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "started_at": self.started_at, "listeners": self.bound}
+        tmp = self.home / "engine.json.tmp"
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(self.home / "engine.json")
+
+    # ------------------------------------------------------------------ running
+    async def reload_policy(self) -> bool:
+        assert self.readers is not None
+        policy = await self.readers.run(load_policy)
+        if policy.version == self.policy.version:
+            return False
+        old = self.policy
+        self.policy = policy      # one atomic swap; sessions read the attribute per phase
+        if policy.settings["store.busy_timeout"] != old.settings["store.busy_timeout"] and self.writer:
+            self.writer.set_busy_timeout(policy.settings["store.busy_timeout"])
+        if (policy.settings["dns.nameservers"] != old.settings["dns.nameservers"]
+                or policy.settings["dns.timeout"] != old.settings["dns.timeout"]):
+            self.dns = DnsCache(list(policy.settings["dns.nameservers"]) or None,
+                                timeout=policy.settings["dns.timeout"])
+        log.info("policy version %d loaded", policy.version)
+        return True
+
+    async def _watch_policy(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+            try:
+                await self.reload_policy()
+            except Exception as exc:     # a locked or broken store: keep the snapshot we have
+                log.error("policy reload failed: %s", exc)
+
+    async def _housekeeping(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 3600)
+            before = time.time() - self.policy.settings["queue.keep_done"]
+            try:
+                n = await self.writer.run(lambda c: q.purge_done(c, before))
+                if n:
+                    log.info("purged %d finished message record(s)", n)
+            except Exception as exc:
+                log.error("purge failed: %s", exc)
+
+    async def commit_message(self, msg: q.NewMessage) -> None:
+        assert self.writer is not None
+        try:
+            await self.writer.run(lambda c: q.insert_message(c, msg))
+        except Exception:
+            self.counters["store_errors"] += 1
+            raise
+        self.counters["accepted"] += 1
+        if self.delivery is not None:
+            self.delivery.wake.set()
+
+    def session_opened(self, proto: GuardSMTP) -> None:
+        self.sessions[proto.facts.connection_id] = proto
+        self.counters["connections"] += 1
+
+    def session_closed(self, proto: GuardSMTP) -> None:
+        self.sessions.pop(proto.facts.connection_id, None)
+        if self.writer is None:
+            return
+        facts = proto.facts
+        row = {"id": facts.connection_id, "listener": facts.listener, "peer_ip": facts.peer_ip,
+               "peer_port": facts.peer_port, "helo": facts.helo, "started_at": facts.started_at,
+               "ended_at": time.time(), "messages": proto.messages, "rejected": proto.rejected}
+        trace = list(proto.conn_trace)
+        task = asyncio.ensure_future(self._record_connection(row, trace))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _record_connection(self, row: dict, trace: list) -> None:
+        try:
+            await self.writer.run(lambda c: q.record_connection(c, row, trace))
+        except Exception as exc:    # the trace of a finished connection is not worth a crash
+            log.warning("could not record connection %s: %s", row["id"], exc)
+
+    # ------------------------------------------------------------------ stop
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup()))
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def _sighup(self) -> None:
+        try:
+            if not await self.reload_policy():
+                log.info("SIGHUP: policy unchanged (version %d)", self.policy.version)
+        except Exception as exc:
+            log.error("SIGHUP reload failed: %s", exc)
+
+    async def _close_servers(self) -> None:
+        for _, server in self.servers:
+            server.close()
+        for _, server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self.servers = []
+
+    async def shutdown(self) -> None:
+        log.info("draining: no new connections, %d session(s) in flight", len(self.sessions))
+        self.draining = True
+        for _, server in self.servers:
+            server.close()
+        # Sessions between transactions are told to come back later; sessions in a
+        # transaction get engine.drain_timeout to finish it.
+        for proto in list(self.sessions.values()):
+            if not proto.envelope.mail_from and proto.phase != "data" and proto.transport:
+                proto.transport.write(f"421 4.3.2 {proto.hostname} Service shutting down\r\n".encode())
+                proto.transport.close()
+        deadline = time.monotonic() + self.policy.settings["engine.drain_timeout"]
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(self.sessions.values()):
+            if proto.transport:
+                proto.transport.close()
+        await asyncio.sleep(0)
+        self.servers = []
+        if self.delivery is not None:
+            await self.delivery.stop(timeout=min(10.0, self.policy.settings["engine.drain_timeout"]))
+        for task in self._bg:
+            task.cancel()
+        for task in self._bg:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self.writer is not None:
+            self.writer.close()
+        if self.readers is not None:
+            self.readers.close()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                (self.home / "engine.json").unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("stopped cleanly")
+
+
+def run_engine(home: Path, listeners: list[ListenerSpec] | None = None) -> int:
+    """Run until stopped; returns the process exit code."""
+    # aiosmtpd logs every command at INFO (addresses included) and lists its AUTH
+    # mechanisms per connection: our own log lines say what an admin needs.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+    async def main() -> int:
+        engine = Engine(home, listeners=listeners)
+        try:
+            await engine.start()
+        except StoreError as exc:
+            log.error("%s", exc)
+            if engine.writer:
+                engine.writer.close()
+            return 1
+        await engine.run()
+        return 0
+
+    try:
+        import uvloop   # optional: a faster event loop where installed
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())

@@ -1,0 +1,529 @@
+"""The SMTP protocol adapter: the one module that imports aiosmtpd.
+
+Each ``handle_<VERB>`` builds the facts of its phase, asks the pipeline, renders the
+reply and meets aiosmtpd's obligations. The protocol subclass tightens aiosmtpd
+where a gateway must be stricter than a library: commands must end in CRLF (no bare
+LF or CR), only ``CRLF.CRLF`` ends DATA, DATA is read in chunks rather than line by
+line, error replies are counted (soft limit: slow down; hard limit: 421 and close),
+and an internal error answers 451 with no exception text.
+
+A missing hook would make aiosmtpd answer with its defaults (a missing
+``handle_DATA`` answers 250 and drops the mail), so :func:`assert_hooks` runs at
+start-up and in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.parser
+import email.policy
+import email.utils
+import itertools
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+from . import replies
+from .addresses import Path, PathError, parse_path, split_path
+from .pipeline import Action, Context, Decision, Phase, SessionFacts, TransactionFacts
+from .queue import NewMessage, Verdict, new_queue_id
+
+if TYPE_CHECKING:   # pragma: no cover
+    from .engine import Engine
+
+log = logging.getLogger("mailbox_guard.smtp")
+
+# The hooks aiosmtpd must find on our handler; without any one of them it would
+# silently apply its own default (for DATA: "250 OK" and the message is gone).
+REQUIRED_HOOKS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "VRFY", "NOOP", "QUIT")
+
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF; dot-stuffing
+# adds one. Searched over the raw DATA bytes, where LF ends a line for this purpose.
+_LONG_TEXT_LINE = re.compile(rb"[^\n]{1001}")
+_AUTH_LINE_LIMIT = 12288          # RFC 4954 (Kerberos tickets in AUTH GSSAPI)
+_CONN_IDS = itertools.count(1)
+
+
+def assert_hooks(handler: Any) -> None:
+    """Fail loudly at start-up if a hook is missing or misspelled."""
+    missing = [h for h in REQUIRED_HOOKS if not callable(getattr(handler, f"handle_{h}", None))]
+    if missing or not callable(getattr(handler, "handle_exception", None)):
+        raise RuntimeError(f"SMTP handler lacks hooks: {', '.join(missing) or 'exception'}")
+    stray = [m for m in dir(handler) if m.startswith("handle_")
+             and m[7:] not in REQUIRED_HOOKS and m[7:] not in ("exception", "STARTTLS", "AUTH")]
+    if stray:
+        raise RuntimeError(f"SMTP handler has unknown hooks (misspelled?): {', '.join(stray)}")
+
+
+def _printable(text: str, limit: int = 255) -> str:
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text)[:limit]
+
+
+class GuardSMTP(SMTP):
+    """aiosmtpd's SMTP protocol, made strict. One instance per connection."""
+
+    # The reader's buffer limit; commands are held to command_size_limits below and
+    # AUTH lines may be long (RFC 4954).
+    line_length_limit = _AUTH_LINE_LIMIT + 2
+
+    def __init__(self, handler: "Handler", *, facts: SessionFacts, **kwargs: Any) -> None:
+        # aiosmtpd keeps command_size_limits on the class and grows it per EHLO;
+        # give each connection its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(handler, **kwargs)
+        self.facts = facts
+        self.tx = TransactionFacts()
+        self.tx_trace: list[Verdict] = []
+        self.conn_trace: list[Verdict] = []
+        self.seq = itertools.count(1)
+        self.errors = 0
+        self.messages = 0
+        self.rejected = 0
+        self.last_path: Path | None = None
+        self.path_error: str | None = None
+        self.phase = "connect"
+        self.connect_task: asyncio.Task | None = None
+        self.closing = False
+
+    # ----------------------------------------------------------- transaction state
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        # A transaction that ended without being queued keeps its trace with the
+        # connection ("why was this rejected?").
+        if getattr(self, "tx_trace", None):
+            self.conn_trace.extend(self.tx_trace)
+        self.tx_trace = []
+        self.tx = TransactionFacts()
+
+    def record(self, phase: Phase, subject: str, decision: Decision, *, into_tx: bool) -> None:
+        now = time.time()
+        trace = self.tx_trace if into_tx else self.conn_trace
+        for r in decision.results:
+            trace.append(Verdict(next(self.seq), now, phase.value, subject, r.check, r.symbol,
+                                 r.score, r.action.value, r.reply, r.detail))
+        if decision.action is not Action.ACCEPT:
+            self.rejected += 1
+
+    # ----------------------------------------------------------- address parsing
+    def _getaddr(self, arg: str):
+        """Parse with our own Path facts (source routes, literals, trailing dots are
+        recorded, not silently dropped as the library would)."""
+        self.last_path = None
+        self.path_error = None
+        if not arg:
+            return "", ""
+        try:
+            text, params = split_path(arg)
+            path = parse_path(text)
+        except PathError as exc:
+            self.path_error = str(exc)
+            return None, None
+        self.last_path = path
+        return (path.address or "<>"), (" " + params if params else "")
+
+    # ----------------------------------------------------------- replies
+    async def push(self, status: str | bytes) -> None:
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self.errors += 1
+            settings = self.event_handler.engine.policy.settings
+            if self.errors > settings["smtp.soft_error_limit"] and settings["smtp.error_sleep"] > 0:
+                await asyncio.sleep(settings["smtp.error_sleep"])
+            await super().push(status)
+            if self.errors >= settings["smtp.hard_error_limit"] and self.transport is not None:
+                await super().push(replies.S421_TOO_MANY_ERRORS.format(hostname=self.hostname))
+                self.transport.close()
+            return
+        await super().push(status)
+
+    async def handle_exception(self, error: Exception) -> str:
+        return await self.event_handler.handle_exception(error)
+
+    def _timeout_cb(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(replies.S421_TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+        super()._timeout_cb()
+
+    # ----------------------------------------------------------- the command loop
+    async def _handle_client(self) -> None:
+        """aiosmtpd's loop, stricter: CRLF only, counted errors, drain-aware."""
+        await self.push(replies.S220_BANNER.format(hostname=self.hostname))
+        bogus = 5
+        reader = self._reader
+        while self.transport is not None:
+            try:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:
+                    await reader.read(exc.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil(b"\n")
+                            break
+                        except asyncio.LimitOverrunError as more:
+                            await reader.read(more.consumed)
+                    await self.push(replies.S500_LINE_TOO_LONG)
+                    continue
+                except asyncio.IncompleteReadError:
+                    self._writer.close()
+                    return
+                if not line.endswith(b"\r\n"):
+                    await self.push(replies.S500_BARE_LF)
+                    continue
+                line = line[:-2]
+                if b"\r" in line:
+                    await self.push(replies.S500_BARE_CR)
+                    continue
+                if self.event_handler.engine.draining and not self.envelope.mail_from:
+                    await self.push(replies.S421_SHUTTING_DOWN.format(hostname=self.hostname))
+                    self.transport.close()
+                    return
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                    arg = arg_bytes.strip().decode("utf-8" if self.enable_SMTPUTF8 else "ascii",
+                                                   "surrogateescape" if self.enable_SMTPUTF8 else "strict") or None
+                except UnicodeDecodeError:
+                    await self.push("500 5.5.2 Error: bad syntax")
+                    continue
+                if not command:
+                    await self.push("500 5.5.2 Error: bad syntax")
+                    continue
+                limit = (self.command_size_limits[command] if self.session.extended_smtp
+                         else self.command_size_limit)
+                if len(line) > limit:
+                    await self.push(replies.S500_LINE_TOO_LONG)
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 5.7.0 Command refused due to lack of security")
+                    continue
+                if (self.require_starttls and not self._tls_protocol
+                        and command not in ("NOOP", "EHLO", "STARTTLS", "QUIT")):
+                    await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                    continue
+                method = self._smtp_methods.get(command)
+                if method is None:
+                    bogus -= 1
+                    await self.push(f'500 5.5.1 Error: command "{_printable(command, 32)}" not recognized')
+                    if bogus < 1 and self.transport is not None:
+                        await self.push(replies.S421_TOO_MANY_ERRORS.format(hostname=self.hostname))
+                        self.transport.close()
+                    continue
+                self._reset_timeout()
+                self.phase = command.lower()
+                await method(arg)
+            except asyncio.CancelledError:
+                self._writer.close()
+                raise
+            except (ConnectionResetError, BrokenPipeError):
+                self._writer.close()
+                return
+            except Exception as error:
+                status = await self.handle_exception(error)
+                try:
+                    await self.push(status)
+                except (ConnectionError, RuntimeError):
+                    return
+
+    # ----------------------------------------------------------- DATA, in chunks
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.phase = "data"
+        outcome, body = await self._read_data()
+        if outcome is not None:
+            self._set_post_data_state()
+            await self.push(outcome)
+            return
+        self.envelope.content = body
+        self.envelope.original_content = body
+        status = await self._call_handler_hook("DATA")
+        if status is MISSING:     # assert_hooks makes this impossible; never answer 250
+            status = replies.S451_INTERNAL
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[str | None, bytes]:
+        """Read up to CRLF.CRLF (and nothing else ends DATA: LF.LF, CR.CR, LF.CRLF
+        are content). Returns (error reply or None, unstuffed body)."""
+        reader = self._reader
+        limit = self.data_size_limit
+        # A virtual CRLF before the first byte lets ".\r\n" right after 354 (an
+        # empty message) match the same terminator as every other end of data.
+        buf = bytearray(b"\r\n")
+        scan = 0
+        discarded = 0
+        while True:
+            chunk = await reader.read(1 << 18)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            self._reset_timeout()
+            buf += chunk
+            end = buf.find(b"\r\n.\r\n", scan)
+            if end >= 0:
+                rest = bytes(buf[end + 5:])
+                del buf[end + 2:]
+                if rest:
+                    # Pipelined commands after the end of data belong to the command
+                    # loop: hand them back to the reader (as aiosmtpd's own STARTTLS
+                    # code touches the buffer, there is no public unread).
+                    reader._buffer[:0] = rest          # type: ignore[attr-defined]
+                break
+            scan = max(0, len(buf) - 4)
+            if limit and len(buf) + discarded > limit + 1024 and len(buf) > 8:
+                # Too big: keep reading to the end, but keep only the tail that
+                # could hold the start of the terminator.
+                discarded += len(buf) - 4
+                del buf[:-4]
+                scan = 0
+        if discarded:
+            return replies.S552_TOO_BIG, b""
+        if _LONG_TEXT_LINE.search(buf):
+            return replies.S500_LINE_TOO_LONG, b""
+        body = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
+        if limit and len(body) > limit:
+            return replies.S552_TOO_BIG, b""
+        return None, body
+
+
+class Handler:
+    """The hooks: build facts, ask the pipeline, render the reply."""
+
+    def __init__(self, engine: "Engine", listener: str, kind: str) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.kind = kind
+
+    def _ctx(self, server: GuardSMTP, phase: Phase, subject: str = "", address: Path | None = None) -> Context:
+        return Context(phase=phase, session=server.facts, transaction=server.tx,
+                       policy=self.engine.policy, dns=self.engine.dns, subject=subject,
+                       address=address)
+
+    async def handle_HELO(self, server: GuardSMTP, session, envelope, hostname: str) -> str:
+        reply = await self._helo(server, session, hostname, esmtp=False)
+        return reply or f"250 {server.hostname}"
+
+    async def handle_EHLO(self, server: GuardSMTP, session, envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        reply = await self._helo(server, session, hostname, esmtp=True)
+        if reply:
+            return [reply]
+        out = [r for r in responses if r[4:] != "HELP"]
+        out.insert(1, "250-PIPELINING")
+        out[-1] = "250 " + out[-1][4:]
+        return out
+
+    async def _helo(self, server: GuardSMTP, session, hostname: str, *, esmtp: bool) -> str | None:
+        server.facts.helo = _printable(hostname)
+        server.facts.esmtp = esmtp
+        if server.connect_task is not None:
+            await server.connect_task
+        decision = await self.engine.pipeline.run(self._ctx(server, Phase.HELO, server.facts.helo))
+        server.record(Phase.HELO, server.facts.helo, decision, into_tx=False)
+        if decision.action is not Action.ACCEPT:
+            return decision.reply
+        session.host_name = hostname
+        return None
+
+    async def handle_MAIL(self, server: GuardSMTP, session, envelope, address: str,
+                          mail_options: list[str]) -> str:
+        path = server.last_path
+        if path is None:
+            return replies.S501_BAD_ADDRESS
+        server.tx = TransactionFacts(mail_from=path.address, mail_from_domain=path.domain_lc,
+                                     mail_options=list(mail_options))
+        decision = await self.engine.pipeline.run(self._ctx(server, Phase.MAIL, path.address, path))
+        server.record(Phase.MAIL, path.address or "<>", decision, into_tx=True)
+        if decision.action is not Action.ACCEPT:
+            server.tx = TransactionFacts()
+            return decision.reply
+        envelope.mail_from = path.address or "<>"
+        envelope.mail_options.extend(mail_options)
+        return replies.S250_SENDER_OK
+
+    async def handle_RCPT(self, server: GuardSMTP, session, envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        path = server.last_path
+        if path is None:
+            return replies.S501_BAD_ADDRESS
+        if len(envelope.rcpt_tos) >= self.engine.policy.settings["smtp.max_recipients"]:
+            return replies.S452_TOO_MANY_RECIPIENTS
+        if server.connect_task is not None:
+            await server.connect_task     # delayed findings of CONNECT are answered here
+        decision = await self.engine.pipeline.run(self._ctx(server, Phase.RCPT, path.address, path))
+        server.record(Phase.RCPT, path.address, decision, into_tx=True)
+        if decision.action is not Action.ACCEPT:
+            return decision.reply
+        addr = f"{path.local}@{path.domain_lc}" if not path.quoted_local else \
+            path.address.rpartition("@")[0] + "@" + path.domain_lc
+        envelope.rcpt_tos.append(addr)
+        envelope.rcpt_options.extend(rcpt_options)
+        server.tx.recipients.append(addr)
+        return replies.S250_RECIPIENT_OK
+
+    async def handle_DATA(self, server: GuardSMTP, session, envelope) -> str:
+        body: bytes = envelope.original_content
+        headers = _parse_headers(body)
+        server.tx.size = len(body)
+        server.tx.headers = headers
+        decision = await self.engine.pipeline.run(self._ctx(server, Phase.DATA))
+        server.record(Phase.DATA, "", decision, into_tx=True)
+        if decision.action is not Action.ACCEPT:
+            return decision.reply
+        now = time.time()
+        queue_id = new_queue_id(now)
+        received = self._received_header(server, envelope, queue_id, now)
+        msg = NewMessage(
+            id=queue_id, mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
+            recipients=[(r, r.rpartition("@")[2]) for r in envelope.rcpt_tos],
+            body=received + body, received_at=now,
+            message_id=_message_id(headers), connection_id=server.facts.connection_id,
+            listener=self.listener, client_ip=server.facts.peer_ip,
+            verdicts=server.tx_trace + [Verdict(next(server.seq), now, "queue", queue_id, "queue",
+                                                "QUEUED", 0.0, "accept", None, "")])
+        try:
+            await self.engine.commit_message(msg)
+        except Exception as exc:     # storage failure: 451, never 250, never 5xx
+            log.error("conn=%s queueing failed: %s", server.facts.connection_id, exc)
+            server.tx_trace.append(Verdict(next(server.seq), time.time(), "queue", "", "queue",
+                                           "STORAGE_ERROR", 0.0, "tempfail",
+                                           replies.S451_STORAGE, type(exc).__name__))
+            return replies.S451_STORAGE
+        server.tx_trace = []          # now stored with the message
+        server.messages += 1
+        log.info("conn=%s queued %s from=<%s> rcpts=%d size=%d", server.facts.connection_id,
+                 queue_id, _printable(msg.mail_from), len(msg.recipients), len(body))
+        return replies.S250_QUEUED.format(queue_id=queue_id)
+
+    def _received_header(self, server: GuardSMTP, envelope, queue_id: str, now: float) -> bytes:
+        facts = server.facts
+        proto = "ESMTP" if facts.esmtp else "SMTP"
+        if facts.tls:
+            proto += "S"
+        if facts.auth_user:
+            proto += "A"
+        rcpt = f"\r\n\tfor <{_printable(envelope.rcpt_tos[0])}>" if len(envelope.rcpt_tos) == 1 else ""
+        text = (f"Received: from {_printable(facts.helo or 'unknown', 128)} "
+                f"([{facts.peer_ip}])\r\n\tby {server.hostname} (mailbox_guard) with {proto} "
+                f"id {queue_id}{rcpt};\r\n\t{email.utils.format_datetime(email.utils.localtime(None))}\r\n")
+        return text.encode("ascii", "replace")
+
+    async def handle_RSET(self, server, session, envelope) -> str:
+        return replies.S250_OK
+
+    async def handle_NOOP(self, server, session, envelope, arg) -> str:
+        return replies.S250_OK
+
+    async def handle_QUIT(self, server, session, envelope) -> str:
+        return replies.S221_BYE
+
+    async def handle_VRFY(self, server, session, envelope, address) -> str:
+        # No user enumeration: the same answer whatever the address.
+        return replies.S252_CANNOT_VRFY
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("internal error in SMTP session: %s: %s", type(error).__name__, error,
+                  exc_info=not isinstance(error, (OSError, asyncio.TimeoutError)))
+        return replies.S451_INTERNAL
+
+
+def _parse_headers(body: bytes):
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[:end + 2]
+    if len(head) > 256 * 1024:
+        head = head[:256 * 1024]
+    return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+
+
+def _message_id(headers) -> str | None:
+    value = headers.get("Message-ID") if headers is not None else None
+    if value is None:
+        return None
+    return _printable(str(value).strip(), 250) or None
+
+
+class Refuse(asyncio.Protocol):
+    """Answers one line and closes: connection-level refusals before any SMTP
+    object is built (draining now; access rules and flow control later)."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.reply.encode("ascii") + b"\r\n")   # type: ignore[attr-defined]
+        transport.close()
+
+
+def make_protocol(engine: "Engine", handler: Handler) -> asyncio.Protocol:
+    """The protocol factory of a listener: refusals first, then a GuardSMTP."""
+    settings = engine.policy.settings
+    hostname = settings["smtp.hostname"]
+    if engine.draining:
+        return Refuse(replies.S421_SHUTTING_DOWN.format(hostname=hostname))
+    return _Session(engine, handler)
+
+
+class _Session(GuardSMTP):
+    """GuardSMTP bound to the engine's live connection table."""
+
+    def __init__(self, engine: "Engine", handler: Handler) -> None:
+        settings = engine.policy.settings
+        facts = SessionFacts(connection_id="", listener=handler.listener,
+                             listener_kind=handler.kind, peer_ip="", peer_port=0)
+        super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
+                         enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
+                         ident="mailbox_guard", timeout=settings["smtp.timeout"],
+                         loop=asyncio.get_running_loop())
+        self.engine = engine
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if not first:
+            return                  # STARTTLS re-entry (later issue)
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        now = time.time()
+        self.facts.connection_id = f"C{int(now * 1000):011X}{next(_CONN_IDS):05X}"
+        self.facts.peer_ip = str(peer[0])
+        self.facts.peer_port = int(peer[1]) if len(peer) > 1 else 0
+        self.facts.started_at = now
+        self.facts.trusted_network = self.engine.policy.is_trusted(self.facts.peer_ip)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                import socket as _s
+                sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
+            except OSError:
+                pass        # not TCP (tests on UNIX sockets): nothing to tune
+        self.engine.session_opened(self)
+        self.connect_task = asyncio.ensure_future(self._run_connect())
+
+    async def _run_connect(self) -> None:
+        ctx = Context(phase=Phase.CONNECT, session=self.facts, transaction=self.tx,
+                      policy=self.engine.policy, dns=self.engine.dns, subject=self.facts.peer_ip)
+        decision = await self.engine.pipeline.run(ctx)
+        self.record(Phase.CONNECT, self.facts.peer_ip, decision, into_tx=False)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        try:
+            super().connection_lost(error)
+        finally:
+            if self.facts.connection_id and not self.closing:
+                self.closing = True
+                if self.tx_trace:
+                    self.conn_trace.extend(self.tx_trace)
+                    self.tx_trace = []
+                self.engine.session_closed(self)

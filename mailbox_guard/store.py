@@ -1,0 +1,519 @@
+"""The embedded SQLite store: creation from ``schema.sql``, migrations, durable
+connections, the engine's group-committing writer, and policy edits.
+
+Every connection runs in WAL mode with ``synchronous=FULL``, and both are read back
+and verified, so a ``250`` after DATA always means the message reached the disk.
+All engine writes go through one :class:`Writer` thread that commits whatever has
+queued up while the previous commit was syncing (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import queue
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .config import SETTINGS, SettingError, parse_hostport, parse_setting
+
+log = logging.getLogger("mailbox_guard.store")
+
+DB_NAME = "mailbox-guard.db"
+
+# Numbered migrations from an older user_version to the next one. schema.sql always
+# describes the newest version; a fresh store is created from it directly.
+MIGRATIONS: dict[int, str] = {}
+
+
+class StoreError(Exception):
+    """The store cannot be used; the message is one line an admin can act on."""
+
+
+def schema_text() -> str:
+    """The text of schema.sql: packaged beside the engine, or at the repository top."""
+    packaged = resources.files("mailbox_guard").joinpath("schema.sql")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    top = Path(__file__).resolve().parent.parent / "schema.sql"
+    try:
+        return top.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StoreError(f"schema.sql not found ({exc.strerror})") from None
+
+
+def schema_version(text: str | None = None) -> int:
+    m = re.search(r"^-- schema-version:\s*(\d+)\s*$", text or schema_text(), re.M)
+    if not m:
+        raise StoreError("schema.sql has no '-- schema-version: N' line")
+    return int(m.group(1))
+
+
+def connect(path: Path | str, *, busy_timeout: float = 5.0, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with the durability settings set *and verified*."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None,
+                                   check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        conn.execute("PRAGMA synchronous = FULL")
+        sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StoreError(f"store {path} is unreadable ({exc}); restore it from a backup "
+                         "or move it away to start with an empty store") from None
+    if mode.lower() != "wal" or sync != 2:
+        conn.close()
+        raise StoreError(f"store {path}: could not enable WAL with synchronous=FULL "
+                         f"(journal_mode={mode}, synchronous={sync})")
+    return conn
+
+
+def initialise(path: Path | str, *, busy_timeout: float = 5.0) -> None:
+    """Create the store from schema.sql, or migrate it to the current version."""
+    text = schema_text()
+    target = schema_version(text)
+    conn = connect(path, busy_timeout=busy_timeout)
+    try:
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"store {path} is corrupt ({exc}); restore it from a backup "
+                             "or move it away to start with an empty store") from None
+        if check != "ok":
+            raise StoreError(f"store {path} failed its integrity check ({check}); restore "
+                             "it from a backup or move it away")
+        if version > target:
+            raise StoreError(f"store {path} has schema version {version}, newer than this "
+                             f"mailbox-guard ({target}); upgrade mailbox-guard")
+        if version == 0 and tables == 0:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _statements(text):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+            version = target
+            log.info("created store %s (schema version %d)", path, target)
+        elif version == 0:
+            raise StoreError(f"{path} is an SQLite file but not a mailbox-guard store")
+        while version < target:
+            step = MIGRATIONS.get(version)
+            if step is None:
+                raise StoreError(f"no migration from schema version {version}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _statements(step):
+                conn.execute(statement)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+            log.info("migrated store %s to schema version %d", path, version)
+    except sqlite3.OperationalError as exc:
+        raise StoreError(f"cannot initialise store {path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script into complete statements (sqlite3.complete_statement knows
+    about triggers' inner semicolons), so it can run inside our own transaction."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if not buf and line.lstrip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip():
+        raise StoreError("schema script ends with an incomplete statement")
+
+
+# --------------------------------------------------------------------- writer
+class _Job:
+    __slots__ = ("fn", "loop", "future")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop, future) -> None:
+        self.fn, self.loop, self.future = fn, loop, future
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():      # the session went away while we were committing
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Writer:
+    """One thread that owns the write connection and commits in groups.
+
+    ``await writer.run(fn)`` runs ``fn(conn)`` inside a transaction shared with every
+    other job queued meanwhile, and returns only after COMMIT (fsync) succeeded. Each
+    job has its own savepoint, so one failing job does not spoil the others; a failed
+    COMMIT (disk full, read-only, locked past the timeout) fails every job in it.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="store-writer", daemon=True)
+        self._conn: sqlite3.Connection | None = None
+        self.commits = 0
+        self.jobs_done = 0
+        self.failures = 0
+
+    def start(self) -> "Writer":
+        self._conn = connect(self._path, busy_timeout=self._busy_timeout)
+        self._thread.start()
+        return self
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        self._jobs.put(_Job(lambda c: c.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}"),
+                            None, None))
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put(_Job(fn, loop, future))
+        return await future
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """For start-up and shut-down code outside the event loop."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        class _Fut:
+            def done(self) -> bool:
+                return False
+
+            def set_result(self, r):
+                box["r"] = r
+
+            def set_exception(self, e):
+                box["e"] = e
+
+        class _Loop:
+            def call_soon_threadsafe(self, cb, *args):
+                cb(*args)
+                done.set()
+
+        self._jobs.put(_Job(fn, _Loop(), _Fut()))
+        done.wait()
+        if "e" in box:
+            raise box["e"]
+        return box.get("r")
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _main(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._commit(conn, batch)
+            if stop:
+                return
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail_all(batch, exc)
+            return
+        for job in batch:
+            try:
+                conn.execute("SAVEPOINT job")
+                result = job.fn(conn)
+                conn.execute("RELEASE job")
+                outcomes.append((job, result, None))
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
+            except Exception as exc:  # a bug in a job: fail that job only, loudly
+                log.exception("store job failed")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._fail_all(batch, exc)
+            return
+        self.commits += 1
+        for job, result, error in outcomes:
+            self.jobs_done += 1
+            if error is not None:
+                self.failures += 1
+            if job.future is not None:
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+    def _fail_all(self, batch: list[_Job], exc: BaseException) -> None:
+        self.failures += len(batch)
+        log.error("store commit failed for %d job(s): %s", len(batch), exc)
+        for job in batch:
+            if job.future is not None:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+
+
+class Readers:
+    """Read-only queries off the event loop, one connection per worker thread."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self._path, busy_timeout=self._busy_timeout)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return fn(self._conn())
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.to_thread(self.run_sync, fn)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+
+
+# --------------------------------------------------------------------- policy edits
+@dataclass(frozen=True)
+class DomainRow:
+    name: str
+    next_hop: str | None
+
+
+def normalise_domain(name: str) -> str:
+    """A guarded domain as stored: lower-case, no trailing dot, IDNA-encoded, checked."""
+    text = str(name).strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise SettingError(f"not a domain name: {name!r}") from None
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+", text):
+        raise SettingError(f"not a domain name: {name!r} (e.g. example.org)")
+    return text
+
+
+def normalise_next_hop(text: str | None) -> str | None:
+    if text is None or text == "":
+        return None
+    host, port = parse_hostport(text, default_port=25)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalise_network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(str(text).strip(), strict=False))
+    except ValueError:
+        raise SettingError(f"not an IP network: {text!r} (e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
+
+
+class PolicyStore:
+    """Policy edits and reads with one short-lived connection (CLI and engine)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = connect(self.path, busy_timeout=self._busy_timeout)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path}: {exc}") from None
+        finally:
+            conn.close()
+
+    def policy_version(self) -> int:
+        with self._tx() as conn:
+            return int(conn.execute("SELECT value FROM meta WHERE key='policy_version'").fetchone()[0])
+
+    # domains
+    def add_domain(self, name: str, next_hop: str | None = None) -> DomainRow:
+        name, hop = normalise_domain(name), normalise_next_hop(next_hop)
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO domains (name, next_hop, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET next_hop = excluded.next_hop",
+                (name, hop, time.time()))
+        return DomainRow(name, hop)
+
+    def remove_domain(self, name: str) -> bool:
+        name = normalise_domain(name)
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM domains WHERE name = ?", (name,)).rowcount > 0
+
+    def domains(self) -> list[DomainRow]:
+        with self._tx() as conn:
+            return [DomainRow(r["name"], r["next_hop"])
+                    for r in conn.execute("SELECT name, next_hop FROM domains ORDER BY name")]
+
+    # recipients
+    def add_recipient(self, address: str) -> str:
+        local, at, domain = str(address).strip().rpartition("@")
+        if not at or not local:
+            raise SettingError(f"not an address: {address!r} (e.g. alice@example.org)")
+        domain = normalise_domain(domain)
+        address = f"{local}@{domain}"
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is None:
+                raise SettingError(f"{domain} is not a guarded domain; add it with "
+                                   f"`mailbox-guard domains add {domain}`")
+            conn.execute("INSERT OR IGNORE INTO recipients (address, domain, created_at) "
+                         "VALUES (?, ?, ?)", (address, domain, time.time()))
+        return address
+
+    def remove_recipient(self, address: str) -> bool:
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM recipients WHERE address = ?",
+                                (str(address).strip(),)).rowcount > 0
+
+    def recipients(self, domain: str | None = None) -> list[str]:
+        with self._tx() as conn:
+            if domain:
+                rows = conn.execute("SELECT address FROM recipients WHERE domain = ? ORDER BY address",
+                                    (normalise_domain(domain),))
+            else:
+                rows = conn.execute("SELECT address FROM recipients ORDER BY domain, address")
+            return [r[0] for r in rows]
+
+    # networks
+    def add_network(self, cidr: str, comment: str = "") -> str:
+        cidr = normalise_network(cidr)
+        with self._tx() as conn:
+            conn.execute("INSERT INTO networks (cidr, comment, created_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT(cidr) DO UPDATE SET comment = excluded.comment",
+                         (cidr, comment, time.time()))
+        return cidr
+
+    def remove_network(self, cidr: str) -> bool:
+        cidr = normalise_network(cidr)
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM networks WHERE cidr = ?", (cidr,)).rowcount > 0
+
+    def networks(self) -> list[dict]:
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute("SELECT cidr, comment FROM networks ORDER BY cidr")]
+
+    # listeners
+    def add_listener(self, name: str, kind: str, address: str) -> dict:
+        if kind not in ("inbound", "submission", "smtps"):
+            raise SettingError(f"unknown listener kind {kind!r} (inbound, submission, smtps)")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+            raise SettingError(f"bad listener name {name!r} (letters, digits, - and _)")
+        host, port = parse_hostport(address)
+        with self._tx() as conn:
+            conn.execute("INSERT INTO listeners (name, kind, host, port) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, host=excluded.host, "
+                         "port=excluded.port", (name, kind, host, port))
+        return {"name": name, "kind": kind, "host": host, "port": port}
+
+    def remove_listener(self, name: str) -> bool:
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM listeners WHERE name = ?", (name,)).rowcount > 0
+
+    def listeners(self) -> list[dict]:
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute("SELECT name, kind, host, port FROM listeners ORDER BY name")]
+
+    # settings
+    def set_setting(self, key: str, value: str) -> Any:
+        parsed = parse_setting(key, value)
+        with self._tx() as conn:
+            conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
+        return parsed
+
+    def unset_setting(self, key: str) -> bool:
+        if key not in SETTINGS:
+            raise SettingError(f"unknown setting {key!r}")
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM settings WHERE key = ?", (key,)).rowcount > 0
+
+    def settings(self) -> dict[str, str]:
+        with self._tx() as conn:
+            return {r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")}
+
+
+def ensure_home(home: Path) -> Path:
+    """Create the home folder (0750) and the store in it; return the store's path."""
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as exc:
+        raise StoreError(f"cannot create home folder {home}: {exc.strerror}") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise StoreError(f"home folder {home} is not writable by this user")
+    path = home / DB_NAME
+    initialise(path)
+    return path

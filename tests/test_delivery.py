@@ -219,3 +219,21 @@ def test_outbound_has_only_crlf_line_endings(routed, sink):
     got = sink.wait_for(1)[0]
     assert not BARE.search(got.data)
     assert got.data.endswith(b"bare lf\r\nbare cr\r\ncrlf\r\n\r\n.\r\nend\r\n")
+
+
+def test_swaks_with_pipelining_is_delivered(routed, sink):
+    """A second, independent client (Debian's swaks) that pipelines its commands."""
+    import shutil
+    import subprocess
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is required (./run test installs it)"
+    routed.start()
+    out = subprocess.run([swaks, "--server", f"127.0.0.1:{routed.port}", "--pipeline",
+                          "--from", "alice@sender.test", "--to", "bob@example.test,carol@example.test",
+                          "--helo", "swaks.test", "--header", "Subject: via swaks", "--body", "hi\n.dot\n"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "queued as" in out.stdout
+    got = sink.wait_for(1)[0]
+    assert sorted(got.rcpt_tos) == ["bob@example.test", "carol@example.test"]
+    assert b"Subject: via swaks" in got.data and b"\r\n.dot\r\n" in got.data

@@ -7,6 +7,7 @@ local part, an address literal, a trailing dot. Checks decide what to refuse.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from email import _header_value_parser as hvp
 from email.errors import HeaderParseError
@@ -36,11 +37,20 @@ class PathError(ValueError):
     pass
 
 
+# The everyday shape, <dot-atom@host.name>, parsed without the (slow) full RFC 5322
+# parser; anything else (quotes, routes, literals, odd characters) takes the full one.
+_SIMPLE = re.compile(r"<([A-Za-z0-9_+=-]+(?:\.[A-Za-z0-9_+=-]+)*)@"
+                     r"([A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+)>")
+
+
 def parse_path(arg: str) -> Path:
     """Parse the address part of ``MAIL FROM:``/``RCPT TO:`` (parameters excluded)."""
     raw = arg.strip()
     if raw == "<>":
         return Path(raw, "", "", "")
+    m = _SIMPLE.fullmatch(raw)
+    if m:
+        return Path(raw, f"{m.group(1)}@{m.group(2)}", m.group(1), m.group(2))
     text = raw
     trailing_dot = False
     # The RFC 5322 parser refuses a trailing dot outright; note it as a fact instead,

@@ -15,16 +15,17 @@ import contextlib
 import ipaddress
 import logging
 import re
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-import aiosmtplib
-
 from .config import parse_hostport
 from .dns import DnsTempError
 from .dsn import FailedRecipient, build_dsn
+from .smtp_client import (Connection, Reply, SmtpClientError, Transaction,
+                          opportunistic_tls_context)
 from .queue import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
                     new_queue_id, next_due, recover_leases)
 
@@ -41,7 +42,11 @@ _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 def to_wire(body: bytes) -> bytes:
     """Every line end as CRLF (a bare CR or LF never leaves us: the outbound half
     of SMTP smuggling), ending with CRLF. Dot-stuffing happens at send time."""
-    out = _BARE_LINE_END.sub(b"\r\n", body)
+    crlf = body.count(b"\r\n")
+    if body.count(b"\n") == crlf and body.count(b"\r") == crlf:
+        out = body            # the usual case: already clean, skip the costly rewrite
+    else:
+        out = _BARE_LINE_END.sub(b"\r\n", body)
     if not out.endswith(b"\r\n"):
         out += b"\r\n"
     return out
@@ -74,20 +79,20 @@ class _Pool:
     MAX_USES = 100
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], list[tuple[aiosmtplib.SMTP, float, int]]] = {}
+        self._idle: dict[tuple[str, int], list[tuple[Connection, float, int]]] = {}
 
-    def take(self, key: tuple[str, int]) -> tuple[aiosmtplib.SMTP, int] | None:
+    def take(self, key: tuple[str, int]) -> tuple[Connection, int] | None:
         now = time.monotonic()
         stack = self._idle.get(key) or []
         while stack:
             client, since, uses = stack.pop()
-            if now - since < self.IDLE and client.is_connected:
+            if now - since < self.IDLE and client.usable:
                 return client, uses
             client.close()
         return None
 
-    def give(self, key: tuple[str, int], client: aiosmtplib.SMTP, uses: int) -> None:
-        if uses >= self.MAX_USES or not client.is_connected:
+    def give(self, key: tuple[str, int], client: Connection, uses: int) -> None:
+        if uses >= self.MAX_USES or not client.usable:
             client.close()
             return
         self._idle.setdefault(key, []).append((client, time.monotonic(), uses))
@@ -97,7 +102,7 @@ class _Pool:
         for key, stack in list(self._idle.items()):
             keep = []
             for client, since, uses in stack:
-                if now - since < self.IDLE and client.is_connected:
+                if now - since < self.IDLE and client.usable:
                     keep.append((client, since, uses))
                 else:
                     client.close()
@@ -117,6 +122,7 @@ class Delivery:
         self.pool = _Pool()
         self.active: set[asyncio.Task] = set()
         self.stopping = False
+        self._tls = opportunistic_tls_context()
         self.delivered = 0
         self.deferred = 0
         self.bounced = 0
@@ -216,8 +222,24 @@ class Delivery:
         failed = [o for o in outcomes if o.outcome == "bounced"]
         dsn = self._dsn(msg, failed, now) if failed and msg.mail_from else None
         last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
-        await engine.writer.run(lambda c: finish_attempt(
-            c, msg.id, outcomes, now=now, next_attempt=next_attempt, last_error=last_error, dsn=dsn))
+        # The outcome must reach the store: if it does not (locked, disk full), the
+        # message would stay leased and be delivered again when the lease runs out.
+        # Keep trying until the store takes it or the engine stops (then the next
+        # start gives the lease back: a duplicate at worst, never a loss).
+        pause = 0.2
+        while True:
+            try:
+                await engine.writer.run(lambda c: finish_attempt(
+                    c, msg.id, outcomes, now=now, next_attempt=next_attempt,
+                    last_error=last_error, dsn=dsn))
+                break
+            except sqlite3.Error as exc:
+                if self.stopping:
+                    raise
+                log.warning("%s: cannot record the delivery attempt yet (%s); retrying in %.1fs",
+                            msg.id, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
         for o in outcomes:
             if o.outcome == "delivered":
                 self.delivered += 1
@@ -318,84 +340,69 @@ class Delivery:
                     return [RcptOutcome(r, "bounced", fail.reply, fail.remote) for r in rcpts]
         return [RcptOutcome(r, "deferred", last, remote) for r in rcpts]
 
-    async def _client(self, target: Target) -> tuple[aiosmtplib.SMTP, int]:
+    async def _client(self, target: Target) -> tuple[Connection, int]:
         settings = self.engine.policy.settings
         reused = self.pool.take((target.ip, target.port))
         if reused is not None:
             return reused
-        client = aiosmtplib.SMTP(hostname=target.ip, port=target.port,
-                                 local_hostname=settings["smtp.hostname"],
-                                 timeout=settings["delivery.command_timeout"],
-                                 start_tls=None, validate_certs=False)
         try:
-            await asyncio.wait_for(client.connect(timeout=settings["delivery.connect_timeout"]),
-                                   settings["delivery.connect_timeout"] + 1)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            client.close()
-            raise _RouteFailure(False, f"4.4.1 connect to {target.name}[{target.ip}]:{target.port} "
-                                f"failed: {_one_line(exc)}", "4.4.1", target.name) from None
-        return client, 0
+            conn = await Connection.open(
+                target.ip, target.port, helo=settings["smtp.hostname"],
+                connect_timeout=settings["delivery.connect_timeout"],
+                command_timeout=settings["delivery.command_timeout"],
+                name=target.name, tls=self._tls)
+        except SmtpClientError as exc:
+            raise _RouteFailure(False, f"4.4.1 {target.name}[{target.ip}]:{target.port}: {_one_line(exc)}",
+                                "4.4.1", target.name) from None
+        return conn, 0
 
     async def _send(self, target: Target, msg: Leased, wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
         for tries in (0, 1):
-            client, uses = await self._client(target)
+            conn, uses = await self._client(target)
             try:
-                outcomes = await self._transaction(client, uses, target, msg, wire, rcpts)
-            except aiosmtplib.SMTPServerDisconnected as exc:
-                client.close()
+                tx = await conn.send(msg.mail_from, rcpts, wire)
+            except SmtpClientError as exc:
+                conn.close()
                 if uses and tries == 0:
-                    continue     # a reused connection the server had dropped: once more
-                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}] lost connection: "
-                                    f"{_one_line(exc)}", "4.4.2", target.name) from None
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-                client.close()
+                    continue     # a reused connection the next hop had dropped: once more
                 raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}]: {_one_line(exc)}",
                                     "4.4.2", target.name) from None
-            return outcomes
+            return self._outcomes(conn, uses, target, tx, rcpts)
         raise _RouteFailure(False, "4.4.2 connection lost", "4.4.2", target.name)
 
-    async def _transaction(self, client: aiosmtplib.SMTP, uses: int, target: Target, msg: Leased,
-                           wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
+    def _outcomes(self, conn: Connection, uses: int, target: Target, tx: Transaction,
+                  rcpts: list[str]) -> list[RcptOutcome]:
         remote = target.name
         key = (target.ip, target.port)
-        try:
-            await client.mail(msg.mail_from)
-        except aiosmtplib.SMTPSenderRefused as exc:
-            reply = _reply(exc)
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.rset()
-                self.pool.give(key, client, uses + 1)
-            if exc.code >= 500:
-                return [RcptOutcome(r, "bounced", reply, remote) for r in rcpts]
-            raise _RouteFailure(False, reply, "4.0.0", remote) from None
-        accepted: list[str] = []
-        outcomes: dict[str, RcptOutcome] = {}
-        for rcpt in rcpts:
-            try:
-                await client.rcpt(rcpt)
-                accepted.append(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                outcomes[rcpt] = RcptOutcome(rcpt, "bounced" if exc.code >= 500 else "deferred",
-                                             _reply(exc), remote)
-        if not accepted:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.rset()
-                self.pool.give(key, client, uses + 1)
-            return [outcomes[r] for r in rcpts]
-        try:
-            resp = await client.data(wire)
-        except aiosmtplib.SMTPDataError as exc:
-            for r in accepted:
-                outcomes[r] = RcptOutcome(r, "bounced" if exc.code >= 500 else "deferred",
-                                          _reply(exc), remote)
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.rset()
-                self.pool.give(key, client, uses + 1)
-            return [outcomes[r] for r in rcpts]
-        for r in accepted:
-            outcomes[r] = RcptOutcome(r, "delivered", f"{resp.code} {_one_line(resp.message)}", remote)
-        self.pool.give(key, client, uses + 1)
-        return [outcomes[r] for r in rcpts]
+        clean = tx.data is not None and tx.data.code == 250
+        if clean:
+            self.pool.give(key, conn, uses + 1)
+        else:
+            # A refused transaction leaves state behind on the next hop: reset it
+            # before the connection is used again (in the background).
+            asyncio.ensure_future(self._reset_and_return(key, conn, uses + 1))
+        if not tx.mail.ok:
+            if tx.mail.code < 500:
+                raise _RouteFailure(False, _reply(tx.mail), "4.0.0", remote)
+            return [RcptOutcome(r, "bounced", _reply(tx.mail), remote) for r in rcpts]
+        out = []
+        for rcpt, reply in zip(rcpts, tx.rcpts):
+            if not reply.ok:
+                out.append(RcptOutcome(rcpt, "bounced" if reply.code >= 500 else "deferred",
+                                       _reply(reply), remote))
+            elif tx.data is None or tx.data.code >= 400:
+                data = tx.data or reply
+                out.append(RcptOutcome(rcpt, "bounced" if data.code >= 500 else "deferred",
+                                       _reply(data), remote))
+            else:
+                out.append(RcptOutcome(rcpt, "delivered", _reply(tx.data), remote))
+        return out
+
+    async def _reset_and_return(self, key: tuple[str, int], conn: Connection, uses: int) -> None:
+        if await conn.rset():
+            self.pool.give(key, conn, uses)
+        else:
+            conn.close()
 
 
 def _one_line(value: object) -> str:
@@ -403,5 +410,5 @@ def _one_line(value: object) -> str:
     return " ".join(text.split())[:500]
 
 
-def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
-    return f"{exc.code} {_one_line(exc.message)}"
+def _reply(reply: Reply) -> str:
+    return f"{reply.code} {_one_line(reply.text)}"

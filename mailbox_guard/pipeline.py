@@ -124,8 +124,10 @@ class Pipeline:
         deciding: Result | None = None
         for check in self._by_phase[ctx.phase]:
             try:
-                out = await asyncio.wait_for(check.run(ctx), check.timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: no extra task per check and phase.
+                async with asyncio.timeout(check.timeout):
+                    out = await check.run(ctx)
+            except TimeoutError:
                 out = [Result(check.name, "CHECK_TIMEOUT", Action.TEMPFAIL,
                               reply=replies.S451_CHECK_UNAVAILABLE,
                               detail=f"no answer within {check.timeout:g}s")]

@@ -185,9 +185,30 @@ class Delivery:
         self.pool.close_all()
 
     # ------------------------------------------------------------------ one message
+    async def _persist(self, message_id: str, what: str, op):
+        """Run a store operation of a leased message until it succeeds.
+
+        If it gave up (store locked, disk full, even reads fail when SQLite cannot
+        grow its shared-memory index), the message would stay leased until the lease
+        runs out and then be delivered again. So keep trying until the store takes
+        it or the engine stops (then the next start gives the lease back: a
+        duplicate at worst, never a loss).
+        """
+        pause = 0.2
+        while True:
+            try:
+                return await op()
+            except sqlite3.Error as exc:
+                if self.stopping:
+                    raise
+                log.warning("%s: cannot %s yet (%s); retrying in %.1fs", message_id, what, exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
     async def _deliver_one(self, message_id: str) -> None:
         engine = self.engine
-        msg = await engine.readers.run(lambda c: load_leased(c, message_id))
+        msg = await self._persist(message_id, "load the message", lambda: engine.readers.run(
+            lambda c: load_leased(c, message_id)))
         if msg is None:
             return
         groups: dict[str, list[str]] = {}
@@ -222,24 +243,9 @@ class Delivery:
         failed = [o for o in outcomes if o.outcome == "bounced"]
         dsn = self._dsn(msg, failed, now) if failed and msg.mail_from else None
         last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
-        # The outcome must reach the store: if it does not (locked, disk full), the
-        # message would stay leased and be delivered again when the lease runs out.
-        # Keep trying until the store takes it or the engine stops (then the next
-        # start gives the lease back: a duplicate at worst, never a loss).
-        pause = 0.2
-        while True:
-            try:
-                await engine.writer.run(lambda c: finish_attempt(
-                    c, msg.id, outcomes, now=now, next_attempt=next_attempt,
-                    last_error=last_error, dsn=dsn))
-                break
-            except sqlite3.Error as exc:
-                if self.stopping:
-                    raise
-                log.warning("%s: cannot record the delivery attempt yet (%s); retrying in %.1fs",
-                            msg.id, exc, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 5.0)
+        await self._persist(msg.id, "record the delivery attempt", lambda: engine.writer.run(
+            lambda c: finish_attempt(c, msg.id, outcomes, now=now, next_attempt=next_attempt,
+                                     last_error=last_error, dsn=dsn)))
         for o in outcomes:
             if o.outcome == "delivered":
                 self.delivered += 1

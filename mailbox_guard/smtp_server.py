@@ -42,13 +42,13 @@ log = logging.getLogger("mailbox_guard.smtp")
 # silently apply its own default (for DATA: "250 OK" and the message is gone).
 REQUIRED_HOOKS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "VRFY", "NOOP", "QUIT")
 
-# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF; dot-stuffing
-# adds one. Measured over the raw DATA bytes, where LF ends a line for this purpose.
-_TEXT_LINE_LIMIT = 1000
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF (998 + CRLF),
+# measured after dot-unstuffing; here a line ends at LF and keeps its CR (999).
+_TEXT_LINE_LIMIT = 999
 
 
-def _has_long_line(data: bytearray) -> bool:
-    # split + len runs in C; a regex like [^\n]{1001} restarts at every byte and
+def _has_long_line(data: bytes) -> bool:
+    # split + len runs in C; a regex like [^\n]{1000} restarts at every byte and
     # costs milliseconds per 100 KB.
     return len(data) > _TEXT_LINE_LIMIT and max(map(len, data.split(b"\n"))) > _TEXT_LINE_LIMIT
 _AUTH_LINE_LIMIT = 12288          # RFC 4954 (Kerberos tickets in AUTH GSSAPI)
@@ -135,6 +135,12 @@ class GuardSMTP(SMTP):
         self.last_path = path
         return (path.address or "<>"), (" " + params if params else "")
 
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd widens the MAIL line limit on every EHLO (for SIZE= and SMTPUTF8
+        # parameters); a client repeating EHLO must not widen it again and again.
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
+
     # ----------------------------------------------------------- replies
     async def push(self, status: str | bytes) -> None:
         """Queue a reply; count errors (soft limit: slow down, hard limit: 421).
@@ -194,7 +200,6 @@ class GuardSMTP(SMTP):
     async def _handle_client(self) -> None:
         """aiosmtpd's loop, stricter: CRLF only, counted errors, drain-aware."""
         await self.push(replies.S220_BANNER.format(hostname=self.hostname))
-        bogus = 5
         reader = self._reader
         while self.transport is not None:
             try:
@@ -237,7 +242,7 @@ class GuardSMTP(SMTP):
                     continue
                 limit = (self.command_size_limits[command] if self.session.extended_smtp
                          else self.command_size_limit)
-                if len(line) > limit:
+                if len(line) + 2 > limit:        # RFC 5321 4.5.3.1.4 counts the CRLF
                     await self.push(replies.S500_LINE_TOO_LONG)
                     continue
                 if not self._tls_handshake_okay and command != "QUIT":
@@ -249,11 +254,8 @@ class GuardSMTP(SMTP):
                     continue
                 method = self._smtp_methods.get(command)
                 if method is None:
-                    bogus -= 1
+                    # Counted like any other error reply (hard limit: 421).
                     await self.push(f'500 5.5.1 Error: command "{_printable(command, 32)}" not recognized')
-                    if bogus < 1 and self.transport is not None:
-                        await self.push(replies.S421_TOO_MANY_ERRORS.format(hostname=self.hostname))
-                        self.transport.close()
                     continue
                 self._reset_timeout()
                 self.phase = command.lower()
@@ -333,9 +335,9 @@ class GuardSMTP(SMTP):
                 scan = 0
         if discarded:
             return replies.S552_TOO_BIG, b""
-        if _has_long_line(buf):
-            return replies.S500_LINE_TOO_LONG, b""
         body = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
+        if _has_long_line(body):
+            return replies.S500_LINE_TOO_LONG, b""
         if limit and len(body) > limit:
             return replies.S552_TOO_BIG, b""
         return None, body

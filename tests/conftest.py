@@ -52,11 +52,21 @@ class Received:
     rcpt_tos: list[str]
     data: bytes            # as received after the dot (unstuffed, line endings as sent)
     at: float = field(default_factory=time.time)
+    tls: bool = False
+    peer: tuple = ()
 
 
 class _SinkHandler:
     def __init__(self, sink: "Sink") -> None:
         self.sink = sink
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        self.sink.sessions += 1
+        self.sink.protocols.append(server)
+        if self.sink.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.sink.rcpt_reply(address) if self.sink.rcpt_reply else None
@@ -71,7 +81,8 @@ class _SinkHandler:
             return reply
         with self.sink.lock:
             self.sink.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                               bytes(envelope.original_content)))
+                                               bytes(envelope.original_content),
+                                               tls=session.ssl is not None, peer=session.peer))
         return "250 2.0.0 Ok: stored"
 
 
@@ -79,20 +90,36 @@ class Sink:
     """A real SMTP server downstream. ``rcpt_reply(addr)`` / ``data_reply(env)`` may
     return a reply to refuse; None accepts."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pipelining: bool = True, tls_context=None) -> None:
         self.port = free_port()
+        self.pipelining = pipelining
+        self.sessions = 0
+        self.protocols: list = []
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.rcpt_reply: Callable[[str], str | None] | None = None
         self.data_reply: Callable[[object], str | None] | None = None
+        kwargs = {"tls_context": tls_context} if tls_context is not None else {}
         self.controller = Controller(_SinkHandler(self), hostname="127.0.0.1", port=self.port,
-                                     ready_timeout=10)
+                                     ready_timeout=10, **kwargs)
 
     def start(self) -> "Sink":
         self.controller.start()
         return self
 
     def stop(self) -> None:
+        # Close sessions the engine keeps open (its connection pool) before the
+        # server goes, or their transports are left for the garbage collector.
+        done = threading.Event()
+
+        def close_all():
+            for proto in self.protocols:
+                if proto.transport is not None:
+                    proto.transport.close()
+            done.set()
+        self.controller.loop.call_soon_threadsafe(close_all)
+        done.wait(5)
+        time.sleep(0.05)
         self.controller.stop()
 
     @property

@@ -82,6 +82,7 @@ def test_retry_after_4xx_from_next_hop(routed, sink):
     got = sink.wait_for(1, timeout=30)
     assert b"Subject: retry me" in got[0].data
     assert len(attempts) == 3
+    routed.wait_until(lambda: len(routed.query("SELECT 1 FROM delivery_log")) == 3, what="3 log rows")
     log = routed.query("SELECT outcome, reply FROM delivery_log ORDER BY id")
     assert [r["outcome"] for r in log] == ["deferred", "deferred", "delivered"]
     assert "451 4.3.0 come back later" in log[0]["reply"]
@@ -97,8 +98,8 @@ def test_retry_after_4xx_at_end_of_data(routed, sink):
         s.sendmail("alice@sender.test", ["bob@example.test"], make_message(subject="data retry"))
     got = sink.wait_for(1, timeout=30)
     assert b"Subject: data retry" in got[0].data
-    assert [r["outcome"] for r in routed.query("SELECT outcome FROM delivery_log ORDER BY id")] == \
-        ["deferred", "delivered"]
+    routed.wait_until(lambda: [r["outcome"] for r in routed.query(
+        "SELECT outcome FROM delivery_log ORDER BY id")] == ["deferred", "delivered"], what="log rows")
 
 
 def test_one_dsn_after_5xx(routed, sink):

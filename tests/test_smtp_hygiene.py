@@ -23,7 +23,9 @@ def start(gateway, sink, **settings: str):
 
 
 @pytest.fixture
-def gw(gateway, sink):
+def gw(sink, gateway):
+    # sink before gateway: the engine (and its pooled connections to the sink) is
+    # stopped first, so the sink never holds an unclosed session at teardown.
     return start(gateway, sink)
 
 
@@ -61,7 +63,7 @@ def test_ehlo_advertises_the_default_size_limit(gw):
         assert r.code == 503, r
 
 
-def test_oversize_data_gets_552_after_the_end_and_the_session_goes_on(gateway, sink):
+def test_oversize_data_gets_552_after_the_end_and_the_session_goes_on(sink, gateway):
     gw = start(gateway, sink, **{"smtp.max_message_size": "100000"})
     with Client(gw.port) as c:
         assert "250-SIZE 100000" in c.ehlo().lines
@@ -83,7 +85,7 @@ def test_oversize_data_gets_552_after_the_end_and_the_session_goes_on(gateway, s
     assert got[0].data.endswith(b"Subject: small\r\n\r\nsmall\r\n")
 
 
-def test_size_limit_boundary_exact_is_accepted_one_more_is_not(gateway, sink):
+def test_size_limit_boundary_exact_is_accepted_one_more_is_not(sink, gateway):
     gw = start(gateway, sink, **{"smtp.max_message_size": "100000"})
     exact = sized_message(100_000, "exact")
     with Client(gw.port) as c:
@@ -225,7 +227,7 @@ def test_hard_error_limit_counts_mixed_errors(gw):
         assert c.until_eof(timeout=5) == []
 
 
-def test_soft_error_limit_slows_down_further_errors(gateway, sink):
+def test_soft_error_limit_slows_down_further_errors(sink, gateway):
     gw = start(gateway, sink, **{"smtp.error_sleep": "0.5s", "smtp.soft_error_limit": "2"})
     with Client(gw.port) as c:
         c.ehlo()
@@ -244,7 +246,7 @@ def test_soft_error_limit_slows_down_further_errors(gateway, sink):
 
 
 # ----------------------------------------------------------------------------- timeouts
-def test_idle_connection_gets_421_and_is_closed(gateway, sink):
+def test_idle_connection_gets_421_and_is_closed(sink, gateway):
     gw = start(gateway, sink, **{"smtp.timeout": "1s"})
     with Client(gw.port) as c:
         c.ehlo()
@@ -257,7 +259,7 @@ def test_idle_connection_gets_421_and_is_closed(gateway, sink):
         assert 0.8 <= elapsed <= 3.0, elapsed
 
 
-def test_stalled_data_times_out_and_nothing_is_queued(gateway, sink):
+def test_stalled_data_times_out_and_nothing_is_queued(sink, gateway):
     gw = start(gateway, sink, **{"smtp.timeout": "1s"})
     with Client(gw.port) as c:
         c.ehlo()
@@ -273,7 +275,7 @@ def test_stalled_data_times_out_and_nothing_is_queued(gateway, sink):
     assert message_count(gw) == 0
 
 
-def test_slow_but_steady_client_is_not_timed_out(gateway, sink):
+def test_slow_but_steady_client_is_not_timed_out(sink, gateway):
     gw = start(gateway, sink, **{"smtp.timeout": "1s"})
     with Client(gw.port) as c:
         c.ehlo()
@@ -287,7 +289,7 @@ def test_slow_but_steady_client_is_not_timed_out(gateway, sink):
 
 
 # ----------------------------------------------------------------------------- misc
-def test_vrfy_does_not_enumerate_users(gateway, sink):
+def test_vrfy_does_not_enumerate_users(sink, gateway):
     gateway.policy().add_domain("example.test", sink.hop)
     gateway.policy().add_recipient("bob@example.test")     # a recipient list exists
     gw = gateway.start()

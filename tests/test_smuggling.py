@@ -177,7 +177,9 @@ def body_of(data: bytes) -> bytes:
 
 
 @pytest.fixture
-def gw(gateway, sink):
+def gw(sink, gateway):
+    # sink before gateway: the engine (and its pooled connections to the sink) is
+    # stopped first, so the sink never holds an unclosed session at teardown.
     gateway.policy().add_domain("example.test", sink.hop)
     gateway.start()
     return gateway

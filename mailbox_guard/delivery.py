@@ -151,8 +151,17 @@ class Delivery:
                     log.error("leasing failed: %s", exc)
                     await asyncio.sleep(1.0)
                     continue
-            for message_id in ids:
-                task = asyncio.ensure_future(self._deliver_one(message_id))
+            if ids:
+                # One trip to a reader thread for the whole batch, not one per message.
+                loaded = await self._persist(ids[0], f"load {len(ids)} leased message(s)",
+                                             lambda: engine.readers.run(
+                                                 lambda c: [load_leased(c, i) for i in ids]))
+            else:
+                loaded = []
+            for msg in loaded:
+                if msg is None:
+                    continue
+                task = asyncio.ensure_future(self._deliver_one(msg))
                 self.active.add(task)
                 task.add_done_callback(self._task_done)
             if ids and len(ids) == min(free, 64):
@@ -205,12 +214,8 @@ class Delivery:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
-    async def _deliver_one(self, message_id: str) -> None:
+    async def _deliver_one(self, msg: Leased) -> None:
         engine = self.engine
-        msg = await self._persist(message_id, "load the message", lambda: engine.readers.run(
-            lambda c: load_leased(c, message_id)))
-        if msg is None:
-            return
         groups: dict[str, list[str]] = {}
         hops: dict[str, str | None] = {}
         for rcpt, domain in msg.recipients:

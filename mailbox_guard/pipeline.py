@@ -94,7 +94,8 @@ class Context:
 class Check(Protocol):
     name: str
     phases: frozenset[Phase]
-    timeout: float
+    timeout: float | None    # seconds; None for a check that only computes (no I/O,
+                             # never awaits), which then runs without a timer
 
     async def run(self, ctx: Context) -> list[Result]: ...
 
@@ -124,13 +125,16 @@ class Pipeline:
         deciding: Result | None = None
         for check in self._by_phase[ctx.phase]:
             try:
-                # asyncio.timeout, not wait_for: no extra task per check and phase.
-                async with asyncio.timeout(check.timeout):
-                    out = await check.run(ctx)
+                if check.timeout is None:
+                    out = await check.run(ctx)      # computes only: nothing to wait for
+                else:
+                    # asyncio.timeout, not wait_for: no extra task per check and phase.
+                    async with asyncio.timeout(check.timeout):
+                        out = await check.run(ctx)
             except TimeoutError:
                 out = [Result(check.name, "CHECK_TIMEOUT", Action.TEMPFAIL,
                               reply=replies.S451_CHECK_UNAVAILABLE,
-                              detail=f"no answer within {check.timeout:g}s")]
+                              detail=f"no answer within {check.timeout}s")]
             except Exception as exc:   # fail safe: a crashing check defers, never accepts
                 log.exception("check %s crashed", check.name)
                 out = [Result(check.name, "CHECK_ERROR", Action.TEMPFAIL,

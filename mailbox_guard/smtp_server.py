@@ -148,7 +148,7 @@ class GuardSMTP(SMTP):
         Replies to pipelined commands are sent together once no further complete
         command is waiting in the input (RFC 2920 allows it; it saves a system call
         and a packet per reply). A final reply with nothing else pending, and 221,
-        421 and 354, go out at once.
+        421 and 354, go out at once, and so does the banner.
         """
         data = status if isinstance(status, bytes) else status.encode("utf-8", "replace")
         if data[:1] in (b"4", b"5") and not data.startswith(b"421"):
@@ -169,7 +169,7 @@ class GuardSMTP(SMTP):
             self._out.append(data + b"\r\n")
         if data[3:4] == b"-":
             return                 # a continuation line: the final line follows
-        if data[:3] in (b"221", b"421", b"354") or not self._input_pending():
+        if data[:3] in (b"220", b"221", b"421", b"354") or not self._input_pending():
             await self._flush()
 
     def _input_pending(self) -> bool:
@@ -462,7 +462,7 @@ class Handler:
         rcpt = f"\r\n\tfor <{_printable(envelope.rcpt_tos[0])}>" if len(envelope.rcpt_tos) == 1 else ""
         text = (f"Received: from {_printable(facts.helo or 'unknown', 128)} "
                 f"([{facts.peer_ip}])\r\n\tby {server.hostname} (mailbox_guard) with {proto} "
-                f"id {queue_id}{rcpt};\r\n\t{email.utils.format_datetime(datetime.now().astimezone())}\r\n")
+                f"id {queue_id}{rcpt};\r\n\t{_date_header_value(now)}\r\n")
         return text.encode("ascii", "replace")
 
     async def handle_RSET(self, server, session, envelope) -> str:
@@ -482,6 +482,17 @@ class Handler:
         log.error("internal error in SMTP session: %s: %s", type(error).__name__, error,
                   exc_info=not isinstance(error, (OSError, asyncio.TimeoutError)))
         return replies.S451_INTERNAL
+
+
+_DATE_CACHE: list = [None, ""]
+
+
+def _date_header_value(now: float) -> str:
+    """RFC 5322 date of ``now`` in local time, formatted once per second."""
+    second = int(now)
+    if _DATE_CACHE[0] != second:
+        _DATE_CACHE[:] = [second, email.utils.format_datetime(datetime.fromtimestamp(second).astimezone())]
+    return _DATE_CACHE[1]
 
 
 def _parse_headers(body: bytes):

@@ -12,7 +12,7 @@ NAME = "connect_network"
 class TrustedNetwork:
     name = NAME
     phases = frozenset({Phase.CONNECT})
-    timeout = 1.0
+    timeout = None          # computes from the session facts only
 
     async def run(self, ctx: Context) -> list[Result]:
         if ctx.session.trusted_network:

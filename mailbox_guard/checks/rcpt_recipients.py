@@ -12,7 +12,7 @@ NAME = "rcpt_recipients"
 class RecipientList:
     name = NAME
     phases = frozenset({Phase.RCPT})
-    timeout = 5.0
+    timeout = None          # computes from the policy snapshot only
 
     async def run(self, ctx: Context) -> list[Result]:
         path = ctx.address

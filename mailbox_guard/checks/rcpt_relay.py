@@ -36,7 +36,7 @@ def _trick(path) -> tuple[str, str] | None:
 class RelayControl:
     name = NAME
     phases = frozenset({Phase.RCPT})
-    timeout = 5.0
+    timeout = None          # computes from the policy snapshot only
 
     async def run(self, ctx: Context) -> list[Result]:
         path = ctx.address

@@ -116,6 +116,9 @@ class Engine:
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
         self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
+        if not self.policy.domains:
+            log.warning("no guarded domains yet: every recipient will be refused "
+                        "(add one with `mailbox-guard domains add example.org`)")
         await self._start_listeners()
         self.delivery = Delivery(self)
         self._bg = [asyncio.ensure_future(self.delivery.run()),

@@ -251,7 +251,11 @@ class Delivery:
         await self._persist(msg.id, "record the delivery attempt", lambda: engine.writer.run(
             lambda c: finish_attempt(c, msg.id, outcomes, now=now, next_attempt=next_attempt,
                                      last_error=last_error, dsn=dsn)))
+        stats, events = engine.stats, engine.events
         for o in outcomes:
+            stats.count(o.outcome)
+            events.publish("delivery", id=msg.id, recipient=o.recipient, outcome=o.outcome,
+                           remote=o.remote, reply=o.reply[:300])
             if o.outcome == "delivered":
                 self.delivered += 1
             elif o.outcome == "bounced":

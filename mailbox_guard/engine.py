@@ -27,8 +27,10 @@ from .checks.connect_network import TrustedNetwork
 from .checks.rcpt_recipients import RecipientList
 from .checks.rcpt_relay import RelayControl
 from .config import Settings
+from .control import SOCKET_NAME, ControlServer
 from .delivery import Delivery
 from .dns import DnsCache
+from .events import EventBus, Stats
 from .pipeline import Pipeline
 from .policy import Policy
 from .smtp_server import GuardSMTP, Handler, assert_hooks, make_protocol
@@ -88,6 +90,9 @@ class Engine:
         self._lock_fd: int | None = None
         self.started_at = time.time()
         self.counters = {"connections": 0, "accepted": 0, "store_errors": 0}
+        self.events = EventBus()
+        self.stats = Stats()
+        self.control: ControlServer | None = None
 
     # ------------------------------------------------------------------ start
     def _lock(self) -> None:
@@ -120,6 +125,12 @@ class Engine:
             log.warning("no guarded domains yet: every recipient will be refused "
                         "(add one with `mailbox-guard domains add example.org`)")
         await self._start_listeners()
+        self.control = ControlServer(self, self.home / SOCKET_NAME)
+        try:
+            await self.control.start()
+        except OSError as exc:
+            await self._close_servers()
+            raise StoreError(f"cannot open the control socket {self.control.path}: {exc.strerror or exc}") from None
         self.delivery = Delivery(self)
         self._bg = [asyncio.ensure_future(self.delivery.run()),
                     asyncio.ensure_future(self._watch_policy()),
@@ -210,15 +221,23 @@ class Engine:
             self.counters["store_errors"] += 1
             raise
         self.counters["accepted"] += 1
+        self.stats.count("accepted")
+        self.stats.sender(msg.mail_from)
+        self.events.publish("message", id=msg.id, mail_from=msg.mail_from,
+                            recipients=[r for r, _ in msg.recipients], size=msg.size,
+                            connection=msg.connection_id, message_id=msg.message_id)
         if self.delivery is not None:
             self.delivery.wake.set()
 
     def session_opened(self, proto: GuardSMTP) -> None:
         self.sessions[proto.facts.connection_id] = proto
         self.counters["connections"] += 1
+        self.events.publish("connection", action="opened", **self._connection_row(proto))
 
     def session_closed(self, proto: GuardSMTP) -> None:
         self.sessions.pop(proto.facts.connection_id, None)
+        self.events.publish("connection", action="closed", id=proto.facts.connection_id,
+                            messages=proto.messages, rejected=proto.rejected)
         if self.writer is None:
             return
         facts = proto.facts
@@ -235,6 +254,46 @@ class Engine:
             await self.writer.run(lambda c: q.record_connection(c, row, trace))
         except Exception as exc:    # the trace of a finished connection is not worth a crash
             log.warning("could not record connection %s: %s", row["id"], exc)
+
+    # ------------------------------------------------------------------ live view
+    @staticmethod
+    def _connection_row(proto: GuardSMTP) -> dict:
+        facts = proto.facts
+        env = proto.envelope
+        tls = facts.tls or None
+        return {"id": facts.connection_id, "listener": facts.listener, "kind": facts.listener_kind,
+                "peer_ip": facts.peer_ip, "peer_port": facts.peer_port, "helo": facts.helo,
+                "user": facts.auth_user, "tls": tls, "phase": proto.phase,
+                "started_at": facts.started_at, "age": round(time.time() - facts.started_at, 1),
+                "messages": proto.messages, "rejected": proto.rejected,
+                "mail_from": env.mail_from if env is not None else None,
+                "recipients": len(env.rcpt_tos) if env is not None else 0}
+
+    def live_connections(self) -> list[dict]:
+        return [self._connection_row(p) for p in list(self.sessions.values())]
+
+    def kill_connection(self, connection_id: str) -> bool:
+        proto = self.sessions.get(connection_id)
+        if proto is None or proto.transport is None:
+            return False
+        proto.transport.write(f"421 4.7.0 {proto.hostname} Connection closed by the administrator\r\n".encode())
+        proto.transport.close()
+        log.info("conn=%s killed by the administrator", connection_id)
+        return True
+
+    async def status(self) -> dict:
+        counts = await self.readers.run(q.counts_by_state)
+        from . import __version__
+        return {"version": __version__, "pid": os.getpid(), "home": str(self.home),
+                "started_at": self.started_at, "uptime": round(time.time() - self.started_at, 1),
+                "draining": self.draining, "policy_version": self.policy.version,
+                "listeners": self.bound, "connections": len(self.sessions), "queue": counts,
+                "counters": dict(self.counters), "totals": dict(self.stats.totals),
+                "delivery": {"active": len(self.delivery.active) if self.delivery else 0},
+                "store": {"commits": self.writer.commits if self.writer else 0,
+                          "failures": self.writer.failures if self.writer else 0},
+                "dns": self.dns.stats() if self.dns else {},
+                "subscribers": self.events.subscribers}
 
     # ------------------------------------------------------------------ stop
     def request_stop(self) -> None:
@@ -286,6 +345,8 @@ class Engine:
                 proto.transport.close()
         await asyncio.sleep(0)
         self.servers = []
+        if self.control is not None:
+            await self.control.close()
         if self.delivery is not None:
             await self.delivery.stop(timeout=min(10.0, self.policy.settings["engine.drain_timeout"]))
         for task in self._bg:
@@ -312,6 +373,8 @@ def run_engine(home: Path, listeners: list[ListenerSpec] | None = None) -> int:
     # aiosmtpd logs every command at INFO (addresses included) and lists its AUTH
     # mechanisms per connection: our own log lines say what an admin needs.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # The store, keys and socket are the gateway's own: group-readable at most.
+    os.umask(0o027)
 
     async def main() -> int:
         engine = Engine(home, listeners=listeners)

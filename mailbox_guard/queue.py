@@ -204,3 +204,137 @@ def purge_done(conn: sqlite3.Connection, before: float) -> int:
                  "(SELECT connection_id FROM messages WHERE connection_id IS NOT NULL)", (before,))
     conn.execute("DELETE FROM verdicts WHERE message_id IS NULL AND at < ?", (before,))
     return len(ids)
+
+
+# ---------------------------------------------------------------------- admin actions
+class QueueActionError(Exception):
+    """An admin action that cannot apply (unknown id, wrong state); one clear line."""
+
+
+def _state_of(conn: sqlite3.Connection, message_id: str) -> str:
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is None:
+        raise QueueActionError(f"no message {message_id} in the queue")
+    return row[0]
+
+
+def retry_now(conn: sqlite3.Connection, message_id: str, now: float) -> str:
+    state = _state_of(conn, message_id)
+    if state not in ("incoming", "deferred"):
+        raise QueueActionError(f"{message_id} is {state}; only queued or deferred mail can be retried")
+    conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, message_id))
+    return state
+
+
+def flush(conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute("UPDATE messages SET next_attempt = ? WHERE state IN ('incoming', 'deferred') "
+                        "AND next_attempt > ?", (now, now)).rowcount
+
+
+def hold(conn: sqlite3.Connection, message_id: str) -> str:
+    state = _state_of(conn, message_id)
+    if state == "hold":
+        return state
+    if state not in ("incoming", "deferred"):
+        raise QueueActionError(f"{message_id} is {state}; only queued or deferred mail can be held")
+    conn.execute("UPDATE messages SET state = 'hold' WHERE id = ?", (message_id,))
+    return state
+
+
+def release(conn: sqlite3.Connection, message_id: str, now: float) -> str:
+    state = _state_of(conn, message_id)
+    if state != "hold":
+        raise QueueActionError(f"{message_id} is {state}, not on hold")
+    conn.execute("UPDATE messages SET state = 'deferred', next_attempt = ? WHERE id = ?", (now, message_id))
+    return state
+
+
+def delete(conn: sqlite3.Connection, message_id: str) -> str:
+    state = _state_of(conn, message_id)
+    if state == "active":
+        raise QueueActionError(f"{message_id} is being delivered right now; hold it or try again")
+    conn.execute("DELETE FROM message_bodies WHERE message_id = ?", (message_id,))
+    conn.execute("DELETE FROM message_recipients WHERE message_id = ?", (message_id,))
+    conn.execute("DELETE FROM delivery_log WHERE message_id = ?", (message_id,))
+    conn.execute("DELETE FROM verdicts WHERE message_id = ?", (message_id,))
+    conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+    return state
+
+
+# ---------------------------------------------------------------------- inspection
+def counts_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    out = {s: 0 for s in ("incoming", "active", "deferred", "hold", "delivered", "bounced")}
+    out.update(dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall()))
+    return out
+
+
+def list_messages(conn: sqlite3.Connection, *, states: list[str] | None = None, search: str = "",
+                  limit: int = 100) -> list[dict]:
+    sql = ("SELECT m.id, m.state, m.mail_from, m.message_id, m.size, m.received_at, m.next_attempt, "
+           "m.attempts, m.last_error, (SELECT group_concat(recipient, ', ') FROM message_recipients r "
+           "WHERE r.message_id = m.id) AS recipients FROM messages m")
+    where, args = [], []
+    if states:
+        where.append(f"m.state IN ({','.join('?' * len(states))})")
+        args += states
+    if search:
+        where.append("(m.id LIKE ? OR m.mail_from LIKE ? OR m.message_id LIKE ? OR EXISTS (SELECT 1 FROM "
+                     "message_recipients r WHERE r.message_id = m.id AND r.recipient LIKE ?))")
+        like = f"%{search}%"
+        args += [like, like, like, like]
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY m.received_at DESC LIMIT ?"
+    args.append(limit)
+    cur = conn.execute(sql, args)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur]
+
+
+def find_message(conn: sqlite3.Connection, key: str) -> str | None:
+    """A queue id, or a Message-ID (with or without angle brackets)."""
+    row = conn.execute("SELECT id FROM messages WHERE id = ?", (key.upper(),)).fetchone()
+    if row:
+        return row[0]
+    for candidate in (key, f"<{key.strip('<>')}>"):
+        row = conn.execute("SELECT id FROM messages WHERE message_id = ? ORDER BY received_at DESC",
+                           (candidate,)).fetchone()
+        if row:
+            return row[0]
+    return None
+
+
+def message_detail(conn: sqlite3.Connection, message_id: str) -> dict | None:
+    cur = conn.execute("SELECT * FROM messages WHERE id = ?", (message_id,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    detail = dict(zip([d[0] for d in cur.description], row))
+    detail["recipients"] = [dict(zip(("recipient", "domain", "state", "attempts", "last_reply", "remote"), r))
+                            for r in conn.execute(
+        "SELECT recipient, domain, state, attempts, last_reply, remote FROM message_recipients "
+        "WHERE message_id = ? ORDER BY recipient", (message_id,))]
+    body = conn.execute("SELECT data FROM message_bodies WHERE message_id = ?", (message_id,)).fetchone()
+    if body is not None:
+        data = bytes(body[0])
+        end = data.find(b"\r\n\r\n")
+        detail["headers"] = (data if end < 0 else data[:end]).decode("utf-8", "replace")[:65536]
+    else:
+        detail["headers"] = None
+    detail["deliveries"] = [dict(zip(("at", "recipient", "outcome", "remote", "reply"), r))
+                            for r in conn.execute(
+        "SELECT at, recipient, outcome, remote, reply FROM delivery_log WHERE message_id = ? ORDER BY id",
+        (message_id,))]
+    detail["trace"] = verdict_trace(conn, message_id, detail.get("connection_id"))
+    return detail
+
+
+def verdict_trace(conn: sqlite3.Connection, message_id: str, connection_id: str | None) -> list[dict]:
+    """Every result of every phase for one message: the connection's own results
+    (connect, HELO) first, then the transaction's, in the order they happened."""
+    rows = conn.execute(
+        "SELECT seq, at, phase, subject, check_name, symbol, score, action, reply, detail FROM verdicts "
+        "WHERE message_id = ? OR (message_id IS NULL AND connection_id = ? AND phase IN ('connect', 'helo')) "
+        "ORDER BY seq", (message_id, connection_id or ""))
+    cols = ("seq", "at", "phase", "subject", "check", "symbol", "score", "action", "reply", "detail")
+    return [dict(zip(cols, r)) for r in rows]

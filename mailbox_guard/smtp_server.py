@@ -112,11 +112,19 @@ class GuardSMTP(SMTP):
     def record(self, phase: Phase, subject: str, decision: Decision, *, into_tx: bool) -> None:
         now = time.time()
         trace = self.tx_trace if into_tx else self.conn_trace
+        stats = self.event_handler.engine.stats
         for r in decision.results:
             trace.append(Verdict(next(self.seq), now, phase.value, subject, r.check, r.symbol,
                                  r.score, r.action.value, r.reply, r.detail))
+            stats.result(r.check, r.symbol, r.action.value)
         if decision.action is not Action.ACCEPT:
             self.rejected += 1
+            stats.count("rejected" if decision.action is Action.REJECT else "tempfailed")
+            d = decision.deciding
+            self.event_handler.engine.events.publish(
+                "reject", connection=self.facts.connection_id, peer_ip=self.facts.peer_ip,
+                phase=phase.value, subject=subject, check=d.check if d else None,
+                symbol=d.symbol if d else None, reply=decision.reply)
 
     # ----------------------------------------------------------- address parsing
     def _getaddr(self, arg: str):

@@ -216,6 +216,15 @@ class Delivery:
 
     async def _deliver_one(self, msg: Leased) -> None:
         engine = self.engine
+        started = time.monotonic()
+        try:
+            await self._deliver_leased(msg)
+        finally:
+            engine.stats.delivery_attempts += 1
+            engine.stats.delivery_seconds.append(time.monotonic() - started)
+
+    async def _deliver_leased(self, msg: Leased) -> None:
+        engine = self.engine
         groups: dict[str, list[str]] = {}
         hops: dict[str, str | None] = {}
         for rcpt, domain in msg.recipients:

@@ -70,8 +70,11 @@ class EngineLockedError(StoreError):
 
 
 class Engine:
-    def __init__(self, home: Path, *, listeners: list[ListenerSpec] | None = None) -> None:
+    def __init__(self, home: Path, *, listeners: list[ListenerSpec] | None = None,
+                 metrics: tuple[str, int] | None = None) -> None:
         self.home = Path(home)
+        self.metrics_at = metrics
+        self.metrics = None
         self.listener_override = listeners
         self.db_path = self.home / DB_NAME
         self.policy = Policy(version=0, settings=Settings())
@@ -131,6 +134,16 @@ class Engine:
         except OSError as exc:
             await self._close_servers()
             raise StoreError(f"cannot open the control socket {self.control.path}: {exc.strerror or exc}") from None
+        if self.metrics_at is not None:
+            from .metrics import MetricsServer
+            self.metrics = MetricsServer(self, *self.metrics_at)
+            try:
+                await self.metrics.start()
+            except OSError as exc:
+                await self._close_servers()
+                await self.control.close()
+                raise StoreError(f"cannot serve metrics on {self.metrics_at[0]}:{self.metrics_at[1]}: "
+                                 f"{exc.strerror or exc}") from None
         self.delivery = Delivery(self)
         self._bg = [asyncio.ensure_future(self.delivery.run()),
                     asyncio.ensure_future(self._watch_policy()),
@@ -215,11 +228,13 @@ class Engine:
 
     async def commit_message(self, msg: q.NewMessage) -> None:
         assert self.writer is not None
+        started = time.monotonic()
         try:
             await self.writer.run(lambda c: q.insert_message(c, msg))
         except Exception:
             self.counters["store_errors"] += 1
             raise
+        self.stats.commit_seconds.append(time.monotonic() - started)
         self.counters["accepted"] += 1
         self.stats.count("accepted")
         self.stats.sender(msg.mail_from)
@@ -347,6 +362,8 @@ class Engine:
         self.servers = []
         if self.control is not None:
             await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.delivery is not None:
             await self.delivery.stop(timeout=min(10.0, self.policy.settings["engine.drain_timeout"]))
         for task in self._bg:
@@ -368,7 +385,8 @@ class Engine:
         log.info("stopped cleanly")
 
 
-def run_engine(home: Path, listeners: list[ListenerSpec] | None = None) -> int:
+def run_engine(home: Path, listeners: list[ListenerSpec] | None = None,
+               metrics: tuple[str, int] | None = None) -> int:
     """Run until stopped; returns the process exit code."""
     # aiosmtpd logs every command at INFO (addresses included) and lists its AUTH
     # mechanisms per connection: our own log lines say what an admin needs.
@@ -377,7 +395,7 @@ def run_engine(home: Path, listeners: list[ListenerSpec] | None = None) -> int:
     os.umask(0o027)
 
     async def main() -> int:
-        engine = Engine(home, listeners=listeners)
+        engine = Engine(home, listeners=listeners, metrics=metrics)
         try:
             await engine.start()
         except StoreError as exc:

@@ -81,6 +81,7 @@ class Stats:
         self.check_results: collections.Counter[tuple[str, str]] = collections.Counter()
         self.delivery_seconds: collections.deque[float] = collections.deque(maxlen=2000)
         self.commit_seconds: collections.deque[float] = collections.deque(maxlen=2000)
+        self.delivery_attempts = 0
 
     def count(self, outcome: str, n: int = 1) -> None:
         self.totals[outcome] += n

@@ -467,12 +467,18 @@ class PolicyStore:
             return [dict(r) for r in conn.execute("SELECT cidr, comment FROM networks ORDER BY cidr")]
 
     # listeners
-    def add_listener(self, name: str, kind: str, address: str) -> dict:
+    @staticmethod
+    def listener_row(name: str, kind: str, address: str) -> dict:
         if kind not in ("inbound", "submission", "smtps"):
             raise SettingError(f"unknown listener kind {kind!r} (inbound, submission, smtps)")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
             raise SettingError(f"bad listener name {name!r} (letters, digits, - and _)")
         host, port = parse_hostport(address)
+        return {"name": name, "kind": kind, "host": host, "port": port}
+
+    def add_listener(self, name: str, kind: str, address: str) -> dict:
+        row = self.listener_row(name, kind, address)
+        host, port = row["host"], row["port"]
         with self._tx() as conn:
             conn.execute("INSERT INTO listeners (name, kind, host, port) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, host=excluded.host, "

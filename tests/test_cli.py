@@ -61,7 +61,7 @@ def test_networks_listeners_config(tmp_path):
     assert [r["port"] for r in json.loads(cli(home, "listeners", "list", "--json").stdout)] == [2626]
     assert cli(home, "config", "set", "queue.retry_schedule", "30s,2m").returncode == 0
     assert cli(home, "config", "get", "queue.retry_schedule").stdout.strip() == "30s,2m"
-    rows = {r["key"]: r for r in json.loads(cli(home, "config", "list", "--json").stdout)}
+    rows = {r["key"]: r for r in json.loads(cli(home, "config", "show", "--json").stdout)}
     assert rows["smtp.max_message_size"]["value"] == "10240000"
     assert cli(home, "config", "unset", "queue.retry_schedule").returncode == 0
     assert cli(home, "config", "get", "queue.retry_schedule").stdout.strip() == "1m,5m,15m,1h,4h"

@@ -1,0 +1,135 @@
+"""What every CLI command shares: the home folder, one-line errors and exit codes
+(0 ok, 1 failed, 2 usage), table or ``--json`` output, the store and the control
+socket of the running engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, NoReturn
+
+import typer
+
+from mailbox_guard.config import SettingError
+from mailbox_guard.store import PolicyStore, StoreError, ensure_home
+
+HOME_ENV = "MAILBOX_GUARD_HOME"
+DEFAULT_HOME = "./mailbox-guard-data"
+
+
+class State:
+    home: Path = Path(DEFAULT_HOME)
+
+
+state = State()
+
+JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def fail(message: str) -> NoReturn:
+    typer.echo(f"mailbox-guard: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run an operation; turn the errors an admin can cause into one line, exit 1."""
+    from mailbox_guard.control_client import ControlCallError, EngineNotRunning
+    from mailbox_guard.queue import QueueActionError
+    try:
+        return fn()
+    except (SettingError, StoreError, QueueActionError, EngineNotRunning) as exc:
+        fail(str(exc))
+    except ControlCallError as exc:
+        fail(exc.message)
+
+
+def store() -> PolicyStore:
+    try:
+        return PolicyStore(ensure_home(state.home))
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def control():
+    from mailbox_guard.control_client import ControlClient
+    return ControlClient(state.home)
+
+
+def engine_running() -> bool:
+    from mailbox_guard.control_client import ControlClient, EngineNotRunning
+    try:
+        ControlClient(state.home, timeout=3).call("hello")
+        return True
+    except EngineNotRunning:
+        return False
+
+
+def read_store(fn: Callable[[Any], Any]) -> Any:
+    """A read of the store (works whether the engine runs or not)."""
+    from mailbox_guard.store import DB_NAME, connect
+    path = ensure_home(state.home) if not (state.home / DB_NAME).exists() else state.home / DB_NAME
+
+    def run():
+        conn = connect(path, readonly=True)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+    return guarded(run)
+
+
+def write_store(fn: Callable[[Any], Any]) -> Any:
+    """One transaction on the store (for actions while the engine is stopped)."""
+    import sqlite3
+    from mailbox_guard.store import connect
+
+    def run():
+        path = ensure_home(state.home)
+        conn = connect(path)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {path}: {exc}") from None
+        finally:
+            conn.close()
+    return guarded(run)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def emit(rows: list[dict], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        return
+    widths = [max(len(c), *(len(cell(r.get(c))) for r in rows)) for c in columns]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in rows:
+        typer.echo("  ".join(cell(r.get(c)).ljust(w) for c, w in zip(columns, widths)).rstrip())
+
+
+def emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def progress(items: Iterable, label: str, length: int | None = None):
+    """A progress bar on a terminal; silent when piped."""
+    if sys.stderr.isatty():
+        return typer.progressbar(items, label=label, length=length, file=sys.stderr)
+    import contextlib
+    return contextlib.nullcontext(items)

@@ -230,14 +230,19 @@ class Gateway:
         return json.loads((self.home / "engine.json").read_text())
 
 
-@pytest.fixture
-def gateway(tmp_path):
-    gw = Gateway(tmp_path / "home")
+def new_gateway(home: Path) -> Gateway:
+    gw = Gateway(home)
     # Tests run on loopback with no real DNS: never let the engine use the system
     # resolver; retries fast so retry behaviour is observable in seconds.
     gw.configure(**{"smtp.hostname": "gw.test", "smtp.error_sleep": "0",
                     "queue.retry_schedule": "1s", "dns.nameservers": "127.0.0.1:9",
                     "dns.timeout": "1s"})
+    return gw
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    gw = new_gateway(tmp_path / "home")
     yield gw
     gw.stop()
 

@@ -1,0 +1,204 @@
+"""Where the dashboard's data comes from.
+
+:class:`Source` is the interface the feed and the screens use; :class:`EngineSource`
+implements it with the engine's control socket (:mod:`mailbox_guard.control_client`)
+and, when the engine is down, a read-only connection to the store opened in a worker
+thread (sqlite calls block; they never run on the event loop). Tests substitute a
+frozen source to take deterministic snapshots.
+
+Every failure to reach the engine surfaces as :class:`EngineNotRunning`, whatever
+the cause (no socket, refused, no permission, no answer in time), so callers have
+one case to handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from mailbox_guard import queue as q
+from mailbox_guard.control_client import AsyncControlClient, ControlCallError, EngineNotRunning
+from mailbox_guard.store import DB_NAME, StoreError, connect
+
+__all__ = ["Source", "EngineSource", "MessagePage", "StoreUnavailable", "EngineNotRunning",
+           "ControlCallError", "KINDS"]
+
+CALL_TIMEOUT = 5.0
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read (missing, locked, unreadable); one line for the banner."""
+
+
+@dataclass
+class MessagePage:
+    """One listing of messages and where it came from ("engine" or "store")."""
+    rows: list[dict]
+    origin: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MessageKind:
+    """A list of messages an operator acts on: the queue, and (later) the quarantine.
+    ``actions`` maps the screen's verbs to control methods; a missing verb is not
+    offered."""
+    name: str
+    title: str
+    states: tuple[str, ...]
+    actions: dict[str, str]
+    empty_note: str = ""
+
+
+KINDS = {
+    "queue": MessageKind(
+        "queue", "Queue", ("incoming", "active", "deferred", "hold", "delivered", "bounced"),
+        {"retry": "queue.retry", "hold": "queue.hold", "release": "queue.release",
+         "delete": "queue.delete"}),
+    # Filled by the scanning issue: it will add quarantine.list/show/release/delete to
+    # the control socket and the store; until then the list is empty.
+    "quarantine": MessageKind(
+        "quarantine", "Quarantine", ("held",),
+        {"release": "quarantine.release", "delete": "quarantine.delete"},
+        "Nothing is quarantined yet: the quarantine is filled by the scanning issue "
+        "(content scanners). Held mail will be listed here."),
+}
+
+
+class Source:
+    """The dashboard's view of one home. Subclasses talk to a real engine or to
+    frozen data."""
+
+    home: Path
+
+    async def status(self) -> dict: raise NotImplementedError
+    async def connections(self) -> list[dict]: raise NotImplementedError
+    async def stats(self, minutes: int = 30) -> dict: raise NotImplementedError
+
+    def events(self, topics: list[str] | None = None) -> AsyncIterator[dict]:
+        raise NotImplementedError
+
+    async def action(self, method: str, **params: Any) -> Any:
+        """An admin request to the running engine (kill, retry, hold, delete...)."""
+        raise NotImplementedError
+
+    async def store_counts(self) -> dict[str, int]:
+        """Queue counts by state straight from the store (engine down)."""
+        raise NotImplementedError
+
+    async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",
+                            limit: int = 500) -> MessagePage:
+        raise NotImplementedError
+
+    async def show_message(self, kind: str, key: str) -> dict | None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class EngineSource(Source):
+    def __init__(self, home: Path, *, timeout: float = CALL_TIMEOUT) -> None:
+        self.home = Path(home)
+        self.timeout = timeout
+        self.client = AsyncControlClient(self.home)
+
+    # ------------------------------------------------------------ control socket
+    async def call(self, method: str, **params: Any) -> Any:
+        try:
+            return await asyncio.wait_for(self.client.call(method, **params), self.timeout)
+        except asyncio.TimeoutError:
+            # The reply may still arrive later: start over on a fresh connection so
+            # the next request does not read it.
+            self.client.close()
+            raise EngineNotRunning(f"the engine did not answer within {self.timeout:g} s") from None
+        except PermissionError:
+            raise EngineNotRunning(f"no permission to open {self.client.path}") from None
+        except (OSError, ValueError) as exc:     # reset mid-reply, garbled line
+            self.client.close()
+            raise EngineNotRunning(f"lost the control connection ({exc})") from None
+
+    async def status(self) -> dict:
+        return await self.call("status")
+
+    async def connections(self) -> list[dict]:
+        return await self.call("connections")
+
+    async def stats(self, minutes: int = 30) -> dict:
+        return await self.call("stats", minutes=minutes)
+
+    async def events(self, topics: list[str] | None = None) -> AsyncIterator[dict]:
+        stream = self.client.subscribe(topics)
+        try:
+            async for event in stream:
+                yield event
+        except PermissionError:
+            raise EngineNotRunning(f"no permission to open {self.client.path}") from None
+        except (OSError, ValueError) as exc:
+            raise EngineNotRunning(f"lost the event stream ({exc})") from None
+        finally:
+            await stream.aclose()
+
+    async def action(self, method: str, **params: Any) -> Any:
+        return await self.call(method, **params)
+
+    # ------------------------------------------------------------ the store
+    def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        path = self.home / DB_NAME
+        if not path.exists():
+            raise StoreUnavailable(f"no store at {path}")
+        try:
+            conn = connect(path, readonly=True)
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read the store: {exc}") from None
+        finally:
+            conn.close()
+
+    async def read_store(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.to_thread(self._read, fn)
+
+    async def store_counts(self) -> dict[str, int]:
+        return await self.read_store(q.counts_by_state)
+
+    # ------------------------------------------------------------ messages
+    async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",
+                            limit: int = 500) -> MessagePage:
+        if kind != "queue":
+            return MessagePage([], "none", KINDS[kind].empty_note)
+        params: dict[str, Any] = {"search": search, "limit": limit}
+        if states:
+            params["states"] = list(states)
+        try:
+            return MessagePage(await self.call("queue.list", **params), "engine")
+        except EngineNotRunning:
+            rows = await self.read_store(
+                lambda c: q.list_messages(c, states=list(states) if states else None, search=search,
+                                          limit=limit))
+            return MessagePage(rows, "store")
+
+    async def show_message(self, kind: str, key: str) -> dict | None:
+        if kind != "queue":
+            return None
+        try:
+            return await self.call("queue.show", id=key)
+        except ControlCallError as exc:
+            if exc.code == "not_found":
+                return None
+            raise
+        except EngineNotRunning:
+            def read(c: sqlite3.Connection) -> dict | None:
+                found = q.find_message(c, key)
+                return q.message_detail(c, found) if found else None
+            return await self.read_store(read)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()

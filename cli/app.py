@@ -10,6 +10,7 @@ failed, 2 usage error. Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -132,7 +133,14 @@ def tui() -> None:
 
 
 def main() -> None:
-    app(prog_name="mailbox-guard")
+    try:
+        app(prog_name="mailbox-guard")
+    except Exception as exc:     # a bug: one line for the admin, the details on request
+        if os.environ.get("MAILBOX_GUARD_DEBUG"):
+            raise
+        typer.echo(f"mailbox-guard: internal error: {type(exc).__name__}: {exc} "
+                   "(set MAILBOX_GUARD_DEBUG=1 for the details)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":   # pragma: no cover

@@ -25,6 +25,7 @@ TABLE = [
     ("recipients add", ["bob@example.test"], False, 0),
     ("recipients list", [], True, 0),
     ("recipients remove", ["bob@example.test"], False, 0),
+    ("recipients import", ["{recipients}"], False, 0),
     ("networks add", ["192.0.2.0/24"], False, 0),
     ("networks list", [], True, 0),
     ("networks remove", ["192.0.2.0/24"], False, 0),
@@ -44,6 +45,7 @@ TABLE = [
     ("queue retry", ["{id}"], False, 1),          # just released: it may be active; both are fine
     ("queue flush", [], True, 0),
     ("queue delete", ["NOSUCHID", "--yes"], False, 1),
+    ("queue purge", ["--older-than", "1d"], True, 0),
     ("connections list", [], True, 0),
     ("connections kill", ["C-NO-SUCH"], False, 1),
     ("messages why", ["{msgid}"], True, 0),
@@ -85,7 +87,10 @@ def engine_home(tmp_path_factory):
 
 
 def expand(args, queue_id, policy):
-    return [a.format(id=queue_id, msgid="<cli-1@client.test>", policy=policy) for a in args]
+    recipients = policy.parent / "recipients.txt"
+    recipients.write_text("# staff\nalice@example.test\ncarol@example.test  # new\n\n")
+    return [a.format(id=queue_id, msgid="<cli-1@client.test>", policy=policy, recipients=recipients)
+            for a in args]
 
 
 @pytest.mark.parametrize("command,args,takes_json,code", TABLE, ids=[t[0] for t in TABLE])

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import JSON, control, emit, emit_json, engine_running, fail, guarded, read_store, write_store
+from cli.common import (JSON, control, emit, emit_json, engine_running, fail, guarded, progress, read_store,
+                        write_store)
 from mailbox_guard import queue as q
 
 app = typer.Typer(help="The mail queue: list, show, retry, hold, release, delete, flush.\n\n"
@@ -151,3 +152,27 @@ def queue_flush(as_json: bool = JSON) -> None:
         emit_json({"flushed": n})
     else:
         typer.echo(f"{n} message(s) will be retried now")
+
+
+@app.command("purge")
+def queue_purge(older_than: str = typer.Option("7d", "--older-than", metavar="DURATION",
+                                               help="Finished (delivered or bounced) longer ago than this."),
+                as_json: bool = JSON) -> None:
+    """Forget finished messages and their verdict traces (shows progress on a terminal).
+
+    Example: mailbox-guard queue purge --older-than 30d
+    """
+    from mailbox_guard.config import parse_duration
+    seconds = guarded(lambda: parse_duration(older_than))
+    before = time.time() - seconds
+    ids = read_store(lambda c: [r[0] for r in c.execute(
+        "SELECT id FROM messages WHERE state IN ('delivered', 'bounced') AND done_at < ?", (before,))])
+    removed = 0
+    chunks = [ids[i:i + 500] for i in range(0, len(ids), 500)]
+    with progress(chunks, "purging", length=len(chunks)) as items:
+        for chunk in items:
+            removed += write_store(lambda c, chunk=chunk: sum(1 for i in chunk if q.delete(c, i)))
+    if as_json:
+        emit_json({"purged": removed})
+    else:
+        typer.echo(f"purged {removed} finished message(s)")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, fail, guarded, store
+from cli.common import JSON, emit, fail, guarded, progress, store
 
 app = typer.Typer(help="Recipient lists: once a domain has one, unknown users get 550.\n\n"
                   "Example: mailbox-guard recipients add alice@example.org",
@@ -44,3 +46,25 @@ def recipients_remove(address: str = typer.Argument(..., help="Full address.")) 
     if not guarded(lambda: store().remove_recipient(address)):
         fail(f"{address} is not in a recipient list")
     typer.echo(f"removed {address}")
+
+
+@app.command("import")
+def recipients_import(source: Path = typer.Argument(..., metavar="FILE",
+                                                    help="One address per line ('-' for stdin); # starts a comment.")) -> None:
+    """Add many known recipients at once (shows progress on a terminal).
+
+    Example: mailbox-guard recipients import users.txt
+    """
+    try:
+        text = sys.stdin.read() if str(source) == "-" else source.read_text()
+    except OSError as exc:
+        fail(f"cannot read {source}: {exc.strerror}")
+    addresses = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    addresses = [a for a in addresses if a]
+    st = store()
+    added = 0
+    with progress(addresses, "importing recipients") as items:
+        for address in items:
+            guarded(lambda a=address: st.add_recipient(a))
+            added += 1
+    typer.echo(f"imported {added} recipient(s)")

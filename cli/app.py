@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.commands import config, connections, domains, listeners, messages, networks, queue, recipients
+from cli.commands import config, connections, domains, listeners, messages, networks, queue, recipients, tls
 from cli.common import DEFAULT_HOME, HOME_ENV, JSON, control, emit_json, guarded, read_store, state
 from mailbox_guard.config import SettingError, parse_hostport
 
@@ -27,7 +27,7 @@ app = typer.Typer(
 
 for module, name in ((domains, "domains"), (recipients, "recipients"), (networks, "networks"),
                      (listeners, "listeners"), (config, "config"), (queue, "queue"),
-                     (connections, "connections"), (messages, "messages")):
+                     (connections, "connections"), (messages, "messages"), (tls, "tls")):
     app.add_typer(module.app, name=name)
 
 
@@ -60,6 +60,8 @@ def serve(
                                       help="Inbound (MX) listener; repeatable. Overrides the store."),
     submission: List[str] = typer.Option([], "--submission", metavar="HOST:PORT",
                                          help="Submission listener; repeatable. Overrides the store."),
+    smtps: List[str] = typer.Option([], "--smtps", metavar="HOST:PORT",
+                                    help="Implicit-TLS submission listener; repeatable. Overrides the store."),
     metrics: Optional[str] = typer.Option(None, "--metrics", metavar="HOST:PORT",
                                           help="Serve Prometheus metrics here (off by default)."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
@@ -83,7 +85,8 @@ def serve(
             raise typer.BadParameter(str(exc), param_hint="--metrics") from None
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    listeners = _listener_args(inbound, "inbound") + _listener_args(submission, "submission")
+    listeners = (_listener_args(inbound, "inbound") + _listener_args(submission, "submission")
+                 + _listener_args(smtps, "smtps"))
     code = run_engine(state.home, listeners or None, metrics=metrics_at)
     raise typer.Exit(code)
 
@@ -133,6 +136,7 @@ def tui() -> None:
 
 
 def main() -> None:
+    os.umask(0o027)      # what the CLI creates in the home folder is the gateway's own
     try:
         app(prog_name="mailbox-guard")
     except Exception as exc:     # a bug: one line for the admin, the details on request

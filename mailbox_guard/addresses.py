@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from email import _header_value_parser as hvp
+from email import errors
 from email.errors import HeaderParseError
 
 
@@ -51,6 +52,7 @@ def parse_path(arg: str) -> Path:
     m = _SIMPLE.fullmatch(raw)
     if m:
         return Path(raw, f"{m.group(1)}@{m.group(2)}", m.group(1), m.group(2))
+    _refuse_unsafe(raw)
     text = raw
     trailing_dot = False
     # The RFC 5322 parser refuses a trailing dot outright; note it as a fact instead,
@@ -69,6 +71,13 @@ def parse_path(arg: str) -> Path:
         raise PathError(str(exc)) from None
     if rest.strip():
         raise PathError(f"unexpected text after address: {rest.strip()!r}")
+    # The RFC 5322 parser is lenient (it repairs and decodes); an SMTP path it had
+    # to repair is not one we relay. A source route is reported as a fact instead
+    # (relay control refuses it by name).
+    defects = [d for d in token.all_defects
+               if not (getattr(token, "route", None) and isinstance(d, errors.ObsoleteHeaderDefect))]
+    if defects:
+        raise PathError(f"malformed address: {defects[0]}")
     local = token.local_part or ""
     domain = token.domain or ""
     if any(t.token_type == "quoted-string" for t in _walk(token)):
@@ -81,6 +90,32 @@ def parse_path(arg: str) -> Path:
     if not local:
         raise PathError("empty local part")
     return Path(raw, addr, local, domain, quoted, route, trailing_dot, literal)
+
+
+def _refuse_unsafe(raw: str) -> None:
+    """What no SMTP path may carry, whatever a lenient parser would make of it."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        raise PathError("control character in address")
+    if "=?" in raw:
+        # The header parser decodes RFC 2047 words even inside quoted strings, which
+        # would smuggle CR, LF or NUL into the envelope.
+        raise PathError("encoded word in address")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PathError("address is not valid UTF-8") from None
+    in_quotes = False
+    for ch in raw:
+        if ch == '"':
+            in_quotes = not in_quotes
+        elif in_quotes and ch in "<>":
+            # Valid in RFC 5321, but a naive parser at the next hop would end the
+            # path there and read the rest as parameters.
+            raise PathError("angle bracket inside a quoted local part")
+        elif not in_quotes and ch == "\\":
+            raise PathError("backslash outside a quoted string")
+        elif not in_quotes and ch in "()":
+            raise PathError("comments are not allowed in an SMTP path")
 
 
 def split_path(arg: str) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from .config import parse_hostport
-from .dns import DnsTempError
+from .dns import DnsError, DnsTempError
 from .dsn import FailedRecipient, build_dsn
 from .smtp_client import (Connection, Reply, SmtpClientError, Transaction,
                           opportunistic_tls_context)
@@ -129,6 +129,18 @@ class Delivery:
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
+        """The delivery loop; an unexpected error is logged and the loop goes on (a
+        dead loop would leave the gateway answering 250 and delivering nothing)."""
+        while not self.stopping:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("delivery loop failed; restarting it in 1s")
+                await asyncio.sleep(1.0)
+
+    async def _run(self) -> None:
         engine = self.engine
         last_sweep = 0.0
         while not self.stopping:
@@ -271,8 +283,8 @@ class Delivery:
                 self.bounced += 1
             else:
                 self.deferred += 1
-            log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, o.recipient, o.outcome,
-                     o.remote or "-", o.reply[:200])
+            log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, _one_line(o.recipient), o.outcome,
+                     o.remote or "-", _one_line(o.reply[:200]))
         if dsn is not None:
             self.wake.set()
         elif failed:
@@ -348,6 +360,21 @@ class Delivery:
 
     async def _deliver_group(self, msg: Leased, wire: bytes, key: str, hop: str | None,
                              rcpts: list[str]) -> list[RcptOutcome]:
+        """Never raises: every recipient leaves with an outcome, so the attempt is
+        always recorded (a task that died here would keep its lease and deliver the
+        other recipients again and again)."""
+        try:
+            return await self._route_group(msg, wire, key, hop, rcpts)
+        except DnsError as exc:      # not a temporary error: the name cannot exist
+            return [RcptOutcome(r, "bounced", f"550 5.1.2 {key[3:]}: bad destination name ({exc})", None)
+                    for r in rcpts]
+        except Exception as exc:
+            log.exception("%s: delivery to %s failed unexpectedly", msg.id, key)
+            return [RcptOutcome(r, "deferred", f"4.3.0 internal error ({type(exc).__name__})", None)
+                    for r in rcpts]
+
+    async def _route_group(self, msg: Leased, wire: bytes, key: str, hop: str | None,
+                           rcpts: list[str]) -> list[RcptOutcome]:
         try:
             targets = await self._targets(key, hop)
         except _RouteFailure as fail:
@@ -356,6 +383,9 @@ class Delivery:
         last = "4.4.1 no next hop could be reached"
         remote = None
         for target in targets:
+            if self._is_myself(target):
+                return [RcptOutcome(r, "bounced", f"554 5.4.6 mail for {key[3:]} loops back to myself "
+                                    f"({target.name}[{target.ip}]:{target.port})", target.name) for r in rcpts]
             try:
                 return await self._send(target, msg, wire, rcpts)
             except _RouteFailure as fail:
@@ -363,6 +393,22 @@ class Delivery:
                 if fail.permanent:
                     return [RcptOutcome(r, "bounced", fail.reply, fail.remote) for r in rcpts]
         return [RcptOutcome(r, "deferred", last, remote) for r in rcpts]
+
+    def _is_myself(self, target: Target) -> bool:
+        """An MX or next hop that is one of our own listeners would loop forever."""
+        for lst in self.engine.bound:
+            if lst["port"] != target.port:
+                continue
+            if lst["host"] == target.ip:
+                return True
+            if lst["host"] in ("0.0.0.0", "::"):
+                try:
+                    addr = ipaddress.ip_address(target.ip)
+                except ValueError:
+                    continue
+                if addr.is_loopback:
+                    return True
+        return False
 
     async def _client(self, target: Target) -> tuple[Connection, int]:
         settings = self.engine.policy.settings
@@ -430,8 +476,11 @@ class Delivery:
 
 
 def _one_line(value: object) -> str:
-    text = str(value)
-    return " ".join(text.split())[:500]
+    """One printable line: nothing a remote server or an address could use to forge
+    a log line."""
+    text = " ".join(str(value).split())[:500]
+    return "".join(c if c.isprintable() else "?" for c in text)
+
 
 
 def _reply(reply: Reply) -> str:

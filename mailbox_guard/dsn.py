@@ -142,7 +142,13 @@ def _returned_part(original: bytes, mode: str, limit: int) -> MIMEPart:
         # A string payload is emitted verbatim by the generator (no re-parse).
         part.set_payload(data.decode("ascii"))
         return part
-    text = _header_section(data).decode("utf-8", "replace")
+    head = _header_section(data)
+    if len(head) > limit:
+        # Never return more than the limit, whatever the headers hold: a bounce is
+        # otherwise a way to send megabytes to a forged sender (backscatter).
+        cut = head.rfind(b"\r\n", 0, limit)
+        head = head[:cut if cut > 0 else limit] + b"\r\nX-Headers-Truncated: yes"
+    text = head.decode("utf-8", "replace")
     text = "\n".join(_LINE_CTRL_RE.sub("?", line) for line in text.split("\r\n"))
     part.set_content(text, subtype="rfc822-headers")
     return part

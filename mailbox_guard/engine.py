@@ -25,6 +25,7 @@ from typing import Any
 from . import queue as q
 from .checks.connect_network import TrustedNetwork
 from .checks.rcpt_recipients import RecipientList
+from .checks.data_hops import HopCount
 from .checks.rcpt_relay import RelayControl
 from .config import Settings
 from .control import SOCKET_NAME, ControlServer
@@ -34,6 +35,7 @@ from .events import EventBus, Stats
 from .pipeline import Pipeline
 from .policy import Policy
 from .smtp_server import GuardSMTP, Handler, assert_hooks, make_protocol
+from .tls import TlsError, TlsManager
 from .store import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home
 
 log = logging.getLogger("mailbox_guard.engine")
@@ -52,7 +54,7 @@ class ListenerSpec:
 
 def default_checks() -> list:
     """Check order is policy: relay control first in RCPT, always."""
-    return [TrustedNetwork(), RelayControl(), RecipientList()]
+    return [TrustedNetwork(), RelayControl(), RecipientList(), HopCount()]
 
 
 def load_policy(conn) -> Policy:
@@ -84,6 +86,7 @@ class Engine:
         self.bound: list[dict[str, Any]] = []
         self.pipeline = Pipeline(default_checks())
         self.dns: DnsCache | None = None
+        self.tls: TlsManager | None = None
         self.writer: Writer | None = None
         self.readers: Readers | None = None
         self.delivery: Delivery | None = None
@@ -124,6 +127,11 @@ class Engine:
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
         self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
+        self.tls = TlsManager(self.home, settings["smtp.hostname"])
+        try:
+            self.tls.ensure_default()
+        except OSError as exc:
+            raise StoreError(f"cannot create a TLS certificate in {self.tls.folder}: {exc.strerror}") from None
         if not self.policy.domains:
             log.warning("no guarded domains yet: every recipient will be refused "
                         "(add one with `mailbox-guard domains add example.org`)")
@@ -169,9 +177,18 @@ class Engine:
             handler = Handler(self, spec.name, spec.kind)
             assert_hooks(handler)
             try:
+                # STARTTLS listeners get their context per connection (make_protocol);
+                # an SMTPS listener wraps every connection from the first byte.
+                implicit = self.tls.context(spec.name) if spec.kind == "smtps" else None
+                if spec.kind != "smtps":
+                    self.tls.context(spec.name)     # fail early on a bad certificate
                 server = await loop.create_server(
                     lambda h=handler: make_protocol(self, h), spec.host, spec.port,
-                    reuse_address=True, backlog=1024)
+                    reuse_address=True, backlog=1024, ssl=implicit,
+                    ssl_handshake_timeout=30 if implicit else None)
+            except TlsError as exc:
+                await self._close_servers()
+                raise StoreError(str(exc)) from None
             except OSError as exc:
                 await self._close_servers()
                 raise StoreError(f"cannot listen on {spec.host}:{spec.port} ({spec.name}): "
@@ -213,6 +230,7 @@ class Engine:
                 await self.reload_policy()
             except Exception as exc:     # a locked or broken store: keep the snapshot we have
                 log.error("policy reload failed: %s", exc)
+            self.tls.refresh()
 
     async def _housekeeping(self) -> None:
         while not self._stop.is_set():
@@ -283,6 +301,9 @@ class Engine:
                 "messages": proto.messages, "rejected": proto.rejected,
                 "mail_from": env.mail_from if env is not None else None,
                 "recipients": len(env.rcpt_tos) if env is not None else 0}
+
+    def connections_from(self, ip: str) -> int:
+        return sum(1 for p in self.sessions.values() if p.facts.peer_ip == ip)
 
     def live_connections(self) -> list[dict]:
         return [self._connection_row(p) for p in list(self.sessions.values())]

@@ -187,8 +187,8 @@ def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[Rcp
         # The body is not needed any more; the record and its verdict trace stay
         # until queue.keep_done has passed.
         conn.execute("DELETE FROM message_bodies WHERE message_id = ?", (message_id,))
-    if dsn is not None:
-        insert_message(conn, dsn)
+    if dsn is not None and conn.execute("SELECT 1 FROM messages WHERE id = ?", (dsn.id,)).fetchone() is None:
+        insert_message(conn, dsn)      # (a retried attempt must not queue its bounce twice)
     return state
 
 
@@ -334,7 +334,7 @@ def verdict_trace(conn: sqlite3.Connection, message_id: str, connection_id: str 
     (connect, HELO) first, then the transaction's, in the order they happened."""
     rows = conn.execute(
         "SELECT seq, at, phase, subject, check_name, symbol, score, action, reply, detail FROM verdicts "
-        "WHERE message_id = ? OR (message_id IS NULL AND connection_id = ? AND phase IN ('connect', 'helo')) "
+        "WHERE message_id = ? OR (message_id IS NULL AND connection_id = ? AND phase IN ('connect', 'tls', 'helo')) "
         "ORDER BY seq", (message_id, connection_id or ""))
     cols = ("seq", "at", "phase", "subject", "check", "symbol", "score", "action", "reply", "detail")
     return [dict(zip(cols, r)) for r in rows]

@@ -14,6 +14,9 @@ S252_CANNOT_VRFY = "252 2.5.2 Cannot VRFY user, but will accept message and atte
 
 S421_SHUTTING_DOWN = "421 4.3.2 {hostname} Service shutting down, try again later"
 S421_TOO_MANY_ERRORS = "421 4.7.0 {hostname} Error: too many errors"
+S421_TOO_MANY_CONNECTIONS = "421 4.7.0 {hostname} Error: too many connections, try again later"
+S421_TOO_MANY_FROM_IP = "421 4.7.0 {hostname} Error: too many connections from your address"
+S554_TOO_MANY_HOPS = "554 5.4.6 Error: too many hops (mail loop?)"
 S421_TIMEOUT = "421 4.4.2 {hostname} Error: timeout exceeded"
 S451_INTERNAL = "451 4.3.0 Error: internal error, please try again later"
 S451_STORAGE = "451 4.3.0 Error: queue file write error, please try again later"

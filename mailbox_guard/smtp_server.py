@@ -98,20 +98,34 @@ class GuardSMTP(SMTP):
         self.connect_task: asyncio.Task | None = None
         self.closing = False
         self._out: list[bytes] = []
+        self.trace_truncated = False
 
     # ----------------------------------------------------------- transaction state
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         # A transaction that ended without being queued keeps its trace with the
-        # connection ("why was this rejected?").
+        # connection ("why was this rejected?"), within the connection's bound.
         if getattr(self, "tx_trace", None):
-            self.conn_trace.extend(self.tx_trace)
+            room = max(0, self.MAX_CONNECTION_TRACE - len(self.conn_trace))
+            self.conn_trace.extend(self.tx_trace[:room])
         self.tx_trace = []
         self.tx = TransactionFacts()
+
+    # The trace of refused transactions kept per connection: enough to answer "why",
+    # bounded so that a client looping MAIL/RCPT/RSET cannot fill memory and disk.
+    MAX_CONNECTION_TRACE = 1000
 
     def record(self, phase: Phase, subject: str, decision: Decision, *, into_tx: bool) -> None:
         now = time.time()
         trace = self.tx_trace if into_tx else self.conn_trace
+        if len(self.conn_trace) + len(trace if into_tx else ()) >= self.MAX_CONNECTION_TRACE:
+            if not self.trace_truncated:
+                self.trace_truncated = True
+                self.conn_trace.append(Verdict(next(self.seq), now, phase.value, "", "trace",
+                                               "TRACE_TRUNCATED", 0.0, "none", None,
+                                               f"more than {self.MAX_CONNECTION_TRACE} results"))
+            if not into_tx or len(self.tx_trace) >= self.MAX_CONNECTION_TRACE * 3:
+                trace = []         # counted below, not kept
         stats = self.event_handler.engine.stats
         for r in decision.results:
             trace.append(Verdict(next(self.seq), now, phase.value, subject, r.check, r.symbol,
@@ -175,7 +189,7 @@ class GuardSMTP(SMTP):
                 return
         else:
             self._out.append(data + b"\r\n")
-        if data[3:4] == b"-":
+        if data[3:4] == b"-" and sum(map(len, self._out)) < 65536:
             return                 # a continuation line: the final line follows
         if data[:3] in (b"220", b"221", b"421", b"354") or not self._input_pending():
             await self._flush()
@@ -194,14 +208,31 @@ class GuardSMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         self._writer.write(data)
-        await self._writer.drain()
+        try:
+            # A client that sends but never reads must not pin our buffers: give
+            # it the session timeout to take our replies, then drop it.
+            async with asyncio.timeout(self._timeout_duration):
+                await self._writer.drain()
+        except TimeoutError:
+            self._abort()
+            raise ConnectionResetError("client stopped reading") from None
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     async def handle_exception(self, error: Exception) -> str:
         return await self.event_handler.handle_exception(error)
 
     def _timeout_cb(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(replies.S421_TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if transport.get_write_buffer_size():
+                # Our earlier replies are still unread: closing would wait for them
+                # forever. Drop the connection.
+                transport.abort()
+                return
+            transport.write(replies.S421_TIMEOUT.format(hostname=self.hostname).encode() + b"\r\n")
         super()._timeout_cb()
 
     # ----------------------------------------------------------- the command loop
@@ -373,7 +404,8 @@ class Handler:
         reply = await self._helo(server, session, hostname, esmtp=True)
         if reply:
             return [reply]
-        out = [r for r in responses if r[4:] != "HELP"]
+        # No AUTH until mechanisms and users exist (the authentication issue).
+        out = [r for r in responses if r[4:] != "HELP" and not r[4:].startswith("AUTH")]
         out.insert(1, "250-PIPELINING")
         out[-1] = "250 " + out[-1][4:]
         return out
@@ -536,6 +568,8 @@ def make_protocol(engine: "Engine", handler: Handler) -> asyncio.Protocol:
     hostname = settings["smtp.hostname"]
     if engine.draining:
         return Refuse(replies.S421_SHUTTING_DOWN.format(hostname=hostname))
+    if len(engine.sessions) >= settings["smtp.max_connections"]:
+        return Refuse(replies.S421_TOO_MANY_CONNECTIONS.format(hostname=hostname))
     return _Session(engine, handler)
 
 
@@ -546,17 +580,35 @@ class _Session(GuardSMTP):
         settings = engine.policy.settings
         facts = SessionFacts(connection_id="", listener=handler.listener,
                              listener_kind=handler.kind, peer_ip="", peer_port=0)
+        starttls = engine.tls.context(handler.listener) if handler.kind != "smtps" else None
         super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
                          enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
                          ident="mailbox_guard", timeout=settings["smtp.timeout"],
-                         loop=asyncio.get_running_loop())
+                         tls_context=starttls, loop=asyncio.get_running_loop())
         self.engine = engine
+
+    def _tls_facts(self, transport: asyncio.BaseTransport) -> None:
+        obj = transport.get_extra_info("ssl_object")
+        if obj is None:
+            return
+        cipher = obj.cipher() or ("?", "?", 0)
+        peer = obj.getpeercert() or None
+        self.facts.tls = {"version": obj.version(), "cipher": cipher[0], "bits": cipher[2],
+                          "client_cert": peer.get("subject") if peer else None}
+        self.conn_trace.append(Verdict(next(self.seq), time.time(), "tls", self.facts.listener, "tls",
+                                       "TLS_ESTABLISHED", 0.0, "none", None,
+                                       f"{obj.version()} {cipher[0]} {cipher[2]} bits"))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
         if not first:
-            return                  # STARTTLS re-entry (later issue)
+            # After STARTTLS: aiosmtpd has discarded whatever arrived in plain text
+            # behind the command (RFC 3207 4.2), so nothing from before the handshake
+            # runs after it. Our pending replies went out before the handshake.
+            self._out.clear()
+            self._tls_facts(transport)
+            return
         peer = transport.get_extra_info("peername") or ("?", 0)
         now = time.time()
         self.facts.connection_id = f"C{int(now * 1000):011X}{next(_CONN_IDS):05X}"
@@ -564,6 +616,13 @@ class _Session(GuardSMTP):
         self.facts.peer_port = int(peer[1]) if len(peer) > 1 else 0
         self.facts.started_at = now
         self.facts.trusted_network = self.engine.policy.is_trusted(self.facts.peer_ip)
+        per_ip = self.engine.policy.settings["smtp.max_connections_per_ip"]
+        if not self.facts.trusted_network and self.engine.connections_from(self.facts.peer_ip) >= per_ip:
+            # Refused before any command is read (the banner is the only reply).
+            transport.write(replies.S421_TOO_MANY_FROM_IP.format(hostname=self.hostname).encode() + b"\r\n")
+            transport.close()
+            self.facts.connection_id = ""
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -571,6 +630,7 @@ class _Session(GuardSMTP):
                 sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
             except OSError:
                 pass        # not TCP (tests on UNIX sockets): nothing to tune
+        self._tls_facts(transport)           # an SMTPS listener: TLS from the first byte
         self.engine.session_opened(self)
         self.connect_task = asyncio.ensure_future(self._run_connect())
 

@@ -265,6 +265,11 @@ class Writer:
             self._fail_all(batch, exc)
             return
         for job in batch:
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back on its own (disk full,
+                # I/O error): what follows would run outside it. Fail the batch.
+                self._fail_all(batch, sqlite3.OperationalError("transaction rolled back by SQLite"))
+                return
             try:
                 conn.execute("SAVEPOINT job")
                 result = job.fn(conn)

@@ -49,6 +49,8 @@ TABLE = [
     ("connections list", [], True, 0),
     ("connections kill", ["C-NO-SUCH"], False, 1),
     ("messages why", ["{msgid}"], True, 0),
+    ("tls show", [], True, 0),
+    ("tls install", ["--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], False, 1),
 ]
 ELSEWHERE = {"serve": "tests/test_lifecycle.py", "tui": "tests/test_tui.py"}
 

@@ -224,3 +224,16 @@ def test_bare_lf_headers_are_returned():
     assert "Subject: lf only" in headers
     assert "X-Junk:" in headers
     assert "secret body" not in headers
+
+
+def test_returned_headers_are_capped():
+    """A bounce never carries more than the limit, whatever the original's headers."""
+    from datetime import datetime, timezone
+    from mailbox_guard.dsn import FailedRecipient, build_dsn
+    huge = b"".join(b"X-Payload-%d: %s\r\n" % (i, b"y" * 900) for i in range(2000)) + b"\r\nbody\r\n"
+    data = build_dsn(reporting_mta="gw.test", original_sender="victim@victim.test", queue_id="Q1",
+                     arrival_date=datetime.now(timezone.utc),
+                     recipients=[FailedRecipient("nobody@example.test", "5.1.1", "550 5.1.1 no", None)],
+                     original_message=huge, max_returned_bytes=16384)
+    assert len(data) < 24000
+    assert b"X-Headers-Truncated: yes" in data

@@ -22,12 +22,13 @@ def plain(value: Any, limit: int = 200, style: str = "") -> Text:
     return Text(text, style=style)
 
 
-def clock_time(ts: float | None) -> str:
-    """Local wall-clock time, with the date when it is not today."""
+def clock_time(ts: float | None, now: float | None = None) -> str:
+    """Local wall-clock time, with the date when it is not the day of ``now``."""
     if not ts:
         return "-"
     t = time.localtime(ts)
-    if time.strftime("%Y-%m-%d", t) == time.strftime("%Y-%m-%d", time.localtime()):
+    today = time.localtime(now if now is not None else time.time())
+    if (t.tm_year, t.tm_yday) == (today.tm_year, today.tm_yday):
         return time.strftime("%H:%M:%S", t)
     return time.strftime("%m-%d %H:%M", t)
 
@@ -70,3 +71,12 @@ def tls_label(tls: Any) -> str:
     if isinstance(tls, dict):
         return str(tls.get("version") or tls.get("protocol") or "yes")
     return "yes" if tls is True else str(tls)
+
+
+def plain_block(value: str | None, limit: int = 65536) -> Text:
+    """Untrusted multi-line text (message headers): lines kept, tabs kept, other
+    control characters shown as '?', never markup."""
+    if not value:
+        return Text("")
+    text = value[:limit].replace("\r\n", "\n")
+    return Text("".join(ch if ch.isprintable() or ch in "\n\t" else "?" for ch in text))

@@ -24,7 +24,7 @@ from mailbox_guard import queue as q
 from mailbox_guard.control_client import AsyncControlClient, ControlCallError, EngineNotRunning
 from mailbox_guard.store import DB_NAME, StoreError, connect
 
-__all__ = ["Source", "EngineSource", "MessagePage", "StoreUnavailable", "EngineNotRunning",
+__all__ = ["Source", "EngineSource", "MessagePage", "MessageKind", "StoreUnavailable", "EngineNotRunning",
            "ControlCallError", "KINDS"]
 
 CALL_TIMEOUT = 5.0
@@ -36,7 +36,7 @@ class StoreUnavailable(Exception):
 
 @dataclass
 class MessagePage:
-    """One listing of messages and where it came from ("engine" or "store")."""
+    """One listing of messages and where it came from ("engine", "store" or "none")."""
     rows: list[dict]
     origin: str
     note: str = ""
@@ -45,7 +45,7 @@ class MessagePage:
 @dataclass(frozen=True)
 class MessageKind:
     """A list of messages an operator acts on: the queue, and (later) the quarantine.
-    ``actions`` maps the screen's verbs to control methods; a missing verb is not
+    ``actions`` maps the screens' verbs to control methods; a verb not listed is not
     offered."""
     name: str
     title: str
@@ -69,15 +69,26 @@ KINDS = {
 }
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Collect the outcome of a request nobody waits for any more."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Source:
     """The dashboard's view of one home. Subclasses talk to a real engine or to
     frozen data."""
 
     home: Path
 
-    async def status(self) -> dict: raise NotImplementedError
-    async def connections(self) -> list[dict]: raise NotImplementedError
-    async def stats(self, minutes: int = 30) -> dict: raise NotImplementedError
+    async def status(self) -> dict:
+        raise NotImplementedError
+
+    async def connections(self) -> list[dict]:
+        raise NotImplementedError
+
+    async def stats(self, minutes: int = 30) -> dict:
+        raise NotImplementedError
 
     def events(self, topics: list[str] | None = None) -> AsyncIterator[dict]:
         raise NotImplementedError
@@ -109,6 +120,18 @@ class EngineSource(Source):
 
     # ------------------------------------------------------------ control socket
     async def call(self, method: str, **params: Any) -> Any:
+        # The client shares one connection and reads replies in order: a request cut
+        # in half by a caller's cancellation (a reload superseding another) would
+        # leave its reply to the next caller. So each request runs to the end in its
+        # own task, and a caller that goes away simply stops waiting for it.
+        task = asyncio.ensure_future(self._call(method, params))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieve)
+            raise
+
+    async def _call(self, method: str, params: dict) -> Any:
         try:
             return await asyncio.wait_for(self.client.call(method, **params), self.timeout)
         except asyncio.TimeoutError:
@@ -200,5 +223,4 @@ class EngineSource(Source):
             return await self.read_store(read)
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.client.close()
+        self.client.close()

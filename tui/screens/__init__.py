@@ -1,0 +1,14 @@
+"""One screen per view: dashboard, connections, queue (and message detail),
+quarantine, events, help, and the confirmation modal."""
+
+from .confirm import ConfirmScreen
+from .connections import ConnectionsScreen
+from .dashboard import DashboardScreen
+from .events import EventsScreen
+from .help import HelpScreen
+from .messages import MessageDetailScreen, MessageListScreen
+from .quarantine import QuarantineScreen
+from .queue import QueueScreen
+
+__all__ = ["ConfirmScreen", "ConnectionsScreen", "DashboardScreen", "EventsScreen", "HelpScreen",
+           "MessageDetailScreen", "MessageListScreen", "QuarantineScreen", "QueueScreen"]

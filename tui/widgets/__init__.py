@@ -1,0 +1,13 @@
+"""Reusable dashboard widgets, each with its own DEFAULT_CSS."""
+
+from .banner import EngineBanner
+from .counts import QueueCounts
+from .filterbar import FilterBar
+from .rates import RateLine
+from .tables import ConnectionTable, KeyedTable, MessageTable
+from .toplist import TopList
+from .trace import VerdictTrace
+from .viewbar import ViewBar
+
+__all__ = ["EngineBanner", "QueueCounts", "FilterBar", "RateLine", "ConnectionTable", "KeyedTable",
+           "MessageTable", "TopList", "VerdictTrace", "ViewBar"]

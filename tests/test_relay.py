@@ -29,6 +29,10 @@ TRICKS = [
     ("not guarded, no brackets", "user@other.test"),
     ("no domain", "<user>"),
     ("two @", "<user@other.test@example.test>"),
+    ("encoded word hiding CRLF", '<"=?utf-8?q?z=0D=0ARSET?="@example.test>'),
+    ("comment in path", "<user(other.test)@example.test>"),
+    ("backslash outside quotes", "<user\\ x@example.test>"),
+    ("angle bracket in quotes", '<"> NOTIFY=SUCCESS"@example.test>'),
 ]
 
 

@@ -1,5 +1,5 @@
 -- mailbox_guard: the one source of the SQLite schema.
--- schema-version: 1
+-- schema-version: 2
 --
 -- A fresh store is created from this file; an older store is brought up to this
 -- version by the numbered migrations in mailbox_guard/store.py (PRAGMA user_version).
@@ -16,7 +16,8 @@ INSERT INTO meta (key, value) VALUES ('policy_version', '1');
 CREATE TABLE domains (
     name       TEXT PRIMARY KEY COLLATE NOCASE,   -- a domain we guard (accept mail for)
     next_hop   TEXT,                              -- "host:port", NULL = deliver by MX
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    anti_impersonation INTEGER NOT NULL DEFAULT 1 -- its users may send only as themselves
 );
 
 CREATE TABLE recipients (                         -- when a domain has any, others get 550
@@ -45,6 +46,38 @@ CREATE TABLE settings (                           -- typed in mailbox_guard/conf
     value TEXT NOT NULL
 );
 
+-- ---------------------------------------------------------------- users
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY COLLATE NOCASE, -- the login: the user's own address
+    domain        TEXT NOT NULL,
+    password_hash TEXT NOT NULL,                   -- argon2id (PHC string), never the password
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    changed_at    REAL NOT NULL
+);
+
+CREATE TABLE user_aliases (                        -- further addresses a user may send as
+    address TEXT PRIMARY KEY COLLATE NOCASE,
+    user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE
+);
+
+CREATE TABLE password_policy (                     -- scope '*' is the server, else a domain
+    scope          TEXT PRIMARY KEY COLLATE NOCASE,
+    min_length     INTEGER NOT NULL,
+    min_classes    INTEGER NOT NULL,               -- of: lower, upper, digit, other
+    reject_common  INTEGER NOT NULL DEFAULT 1,
+    reject_name    INTEGER NOT NULL DEFAULT 1
+);
+
+CREATE TABLE auth_bans (                           -- brute force: refused early until `until`
+    kind       TEXT NOT NULL CHECK (kind IN ('ip', 'user')),
+    key        TEXT NOT NULL,
+    until      REAL NOT NULL,
+    failures   INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+
 CREATE TRIGGER domains_ins AFTER INSERT ON domains BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER domains_upd AFTER UPDATE ON domains BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER domains_del AFTER DELETE ON domains BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
@@ -59,6 +92,18 @@ CREATE TRIGGER listeners_upd AFTER UPDATE ON listeners BEGIN UPDATE meta SET val
 CREATE TRIGGER listeners_del AFTER DELETE ON listeners BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_ins AFTER INSERT ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_upd AFTER UPDATE ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER users_ins AFTER INSERT ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER users_upd AFTER UPDATE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER users_del AFTER DELETE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_ins AFTER INSERT ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_upd AFTER UPDATE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_del AFTER DELETE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_ins AFTER INSERT ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_upd AFTER UPDATE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_del AFTER DELETE ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 
 -- ---------------------------------------------------------------- queue

@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.commands import config, connections, domains, listeners, messages, networks, queue, recipients, tls
+from cli.commands import (auth, config, connections, domains, listeners, messages, networks, queue, recipients,
+                          tls, users)
 from cli.common import DEFAULT_HOME, HOME_ENV, JSON, control, emit_json, guarded, read_store, state
 from mailbox_guard.config import SettingError, parse_hostport
 
@@ -27,7 +28,8 @@ app = typer.Typer(
 
 for module, name in ((domains, "domains"), (recipients, "recipients"), (networks, "networks"),
                      (listeners, "listeners"), (config, "config"), (queue, "queue"),
-                     (connections, "connections"), (messages, "messages"), (tls, "tls")):
+                     (connections, "connections"), (messages, "messages"), (tls, "tls"),
+                     (users, "users"), (auth, "auth")):
     app.add_typer(module.app, name=name)
 
 

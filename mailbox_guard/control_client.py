@@ -70,8 +70,9 @@ class ControlClient:
 class AsyncControlClient:
     """A persistent connection for requests, plus separate subscription streams."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, timeout: float = 10.0) -> None:
         self.path = socket_path(home)
+        self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -82,6 +83,8 @@ class AsyncControlClient:
             return await asyncio.open_unix_connection(str(self.path), limit=16 * MAX_REQUEST * 64)
         except (FileNotFoundError, ConnectionRefusedError):
             raise EngineNotRunning(f"no engine is running with home {self.path.parent}") from None
+        except PermissionError:
+            raise ControlCallError("forbidden", f"no permission to open {self.path}") from None
 
     async def call(self, method: str, **params: Any) -> Any:
         async with self._lock:
@@ -92,10 +95,16 @@ class AsyncControlClient:
                 try:
                     self._writer.write(json.dumps({"v": PROTOCOL_VERSION, "id": self._next,
                                                    "method": method, "params": params}).encode() + b"\n")
-                    await self._writer.drain()
-                    line = await self._reader.readline()
+                    async with asyncio.timeout(self.timeout):
+                        await self._writer.drain()
+                        line = await self._reader.readline()
                 except (ConnectionError, OSError):
                     line = b""
+                except BaseException:
+                    # Cancelled or timed out between request and reply: the reply
+                    # would be read by the next caller. Start afresh instead.
+                    self.close()
+                    raise
                 if line:
                     return _unwrap(json.loads(line))
                 self.close()

@@ -23,9 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from . import queue as q
+from .auth import AuthService
 from .checks.connect_network import TrustedNetwork
 from .checks.rcpt_recipients import RecipientList
 from .checks.data_hops import HopCount
+from .checks.data_sender_headers import SenderHeaders
+from .checks.mail_sender_owner import SenderOwner
 from .checks.rcpt_relay import RelayControl
 from .config import Settings
 from .control import SOCKET_NAME, ControlServer
@@ -54,14 +57,14 @@ class ListenerSpec:
 
 def default_checks() -> list:
     """Check order is policy: relay control first in RCPT, always."""
-    return [TrustedNetwork(), RelayControl(), RecipientList(), HopCount()]
+    return [TrustedNetwork(), SenderOwner(), RelayControl(), RecipientList(), HopCount(), SenderHeaders()]
 
 
 def load_policy(conn) -> Policy:
     version = int(conn.execute("SELECT value FROM meta WHERE key='policy_version'").fetchone()[0])
     return Policy.from_rows(
         version,
-        domains=[(r[0], r[1]) for r in conn.execute("SELECT name, next_hop FROM domains")],
+        domains=[tuple(r) for r in conn.execute("SELECT name, next_hop, anti_impersonation FROM domains")],
         recipients=[r[0] for r in conn.execute("SELECT address FROM recipients")],
         networks=[r[0] for r in conn.execute("SELECT cidr FROM networks")],
         settings={r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")})
@@ -99,6 +102,7 @@ class Engine:
         self.events = EventBus()
         self.stats = Stats()
         self.control: ControlServer | None = None
+        self.auth = AuthService(self)
 
     # ------------------------------------------------------------------ start
     def _lock(self) -> None:
@@ -123,6 +127,7 @@ class Engine:
         self.policy = await self.readers.run(load_policy)
         settings = self.policy.settings
         self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
+        await self.auth.load_bans()
         n = await self.writer.run(lambda c: q.recover_leases(c, time.time(), expired_only=False))
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
@@ -213,6 +218,7 @@ class Engine:
             return False
         old = self.policy
         self.policy = policy      # one atomic swap; sessions read the attribute per phase
+        await self.auth.load_bans()
         if policy.settings["store.busy_timeout"] != old.settings["store.busy_timeout"] and self.writer:
             self.writer.set_busy_timeout(policy.settings["store.busy_timeout"])
         if (policy.settings["dns.nameservers"] != old.settings["dns.nameservers"]
@@ -411,7 +417,7 @@ def run_engine(home: Path, listeners: list[ListenerSpec] | None = None,
     """Run until stopped; returns the process exit code."""
     # aiosmtpd logs every command at INFO (addresses included) and lists its AUTH
     # mechanisms per connection: our own log lines say what an admin needs.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
     # The store, keys and socket are the gateway's own: group-readable at most.
     os.umask(0o027)
 

@@ -65,6 +65,7 @@ class SessionFacts:
     esmtp: bool = False
     tls: dict[str, Any] | None = None
     auth_user: str | None = None
+    auth_addresses: frozenset[str] = frozenset()   # lower-case: may send as these
     trusted_network: bool = False
 
 

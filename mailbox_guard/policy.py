@@ -22,6 +22,7 @@ class Domain:
     name: str
     next_hop: str | None          # "host:port", None = by MX
     has_recipient_list: bool
+    anti_impersonation: bool = True
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,15 @@ class Policy:
         return f"{local}@{domain}".lower() in self.recipients
 
     @classmethod
-    def from_rows(cls, version: int, *, domains: Iterable[tuple[str, str | None]],
+    def from_rows(cls, version: int, *, domains: Iterable[tuple],
                   recipients: Iterable[str], networks: Iterable[str],
                   settings: Mapping[str, str]) -> "Policy":
         recipient_set = frozenset(r.lower() for r in recipients)
         with_lists = {r.rpartition("@")[2] for r in recipient_set}
-        doms = {name.lower(): Domain(name.lower(), hop, name.lower() in with_lists)
-                for name, hop in domains}
+        doms = {}
+        for row in domains:
+            name, hop = row[0].lower(), row[1]
+            doms[name] = Domain(name, hop, name in with_lists, bool(row[2]) if len(row) > 2 else True)
         nets = []
         for cidr in networks:
             try:

@@ -23,10 +23,13 @@ import itertools
 import logging
 import re
 import time
+import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import MISSING, SMTP
+from base64 import b64decode
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from . import replies
 from .addresses import Path, PathError, parse_path, split_path
@@ -78,6 +81,8 @@ class GuardSMTP(SMTP):
     # The reader's buffer limit; commands are held to command_size_limits below and
     # AUTH lines may be long (RFC 4954).
     line_length_limit = _AUTH_LINE_LIMIT + 2
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, handler: "Handler", *, facts: SessionFacts, **kwargs: Any) -> None:
         # aiosmtpd keeps command_size_limits on the class and grows it per EHLO;
@@ -99,6 +104,7 @@ class GuardSMTP(SMTP):
         self.closing = False
         self._out: list[bytes] = []
         self.trace_truncated = False
+        self.auth_failures = 0
 
     # ----------------------------------------------------------- transaction state
     def _set_post_data_state(self) -> None:
@@ -161,7 +167,83 @@ class GuardSMTP(SMTP):
         # aiosmtpd widens the MAIL line limit on every EHLO (for SIZE= and SMTPUTF8
         # parameters); a client repeating EHLO must not widen it again and again.
         self.command_size_limits.clear()
+        self.command_size_limits["AUTH"] = _AUTH_LINE_LIMIT
         await super().smtp_EHLO(hostname)
+
+    # ----------------------------------------------------------- AUTH
+    # PLAIN and LOGIN replace aiosmtpd's own, whose check runs synchronously (an
+    # argon2 verification would stall every session); ours awaits the engine's
+    # AuthService, which verifies in a thread. aiosmtpd offers them only after TLS.
+    async def auth_PLAIN(self, _, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                return await self._auth_syntax("501 5.5.2 Cannot decode base64")
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            return await self._auth_syntax("501 5.5.2 Cannot split the PLAIN response")
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            # Acting for someone else is not allowed: fail like a bad password.
+            return await self._login("PLAIN", login, b"\x00" + password)
+        return await self._login("PLAIN", login, password)
+
+    async def auth_LOGIN(self, _, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                return await self._auth_syntax("501 5.5.2 Cannot decode base64")
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._login("LOGIN", login, password)
+
+    async def _auth_syntax(self, reply: str) -> AuthResult:
+        await self.push(reply)
+        return AuthResult(success=False, handled=True)
+
+    async def _login(self, mechanism: str, login_b: bytes, password_b: bytes) -> AuthResult:
+        engine = self.event_handler.engine
+        try:
+            login, password = login_b.decode("utf-8"), password_b.decode("utf-8")
+        except UnicodeDecodeError:
+            login, password = login_b.decode("utf-8", "replace"), "\x00"
+        account = await engine.auth.login(login, password, self.facts.peer_ip)
+        now = time.time()
+        shown = _printable(login, 128)       # the login only: never the password
+        if account is not None:
+            self.facts.auth_user = account.name
+            self.facts.auth_addresses = account.addresses
+            self.conn_trace.append(Verdict(next(self.seq), now, "auth", shown, "auth", "AUTH_OK", 0.0,
+                                           "accept", None, mechanism))
+            log.info("conn=%s authenticated %s with %s", self.facts.connection_id, account.name, mechanism)
+            return AuthResult(success=True, auth_data=account.name, message=replies.S235_AUTH_OK)
+        self.auth_failures += 1
+        self.conn_trace.append(Verdict(next(self.seq), now, "auth", shown, "auth", "AUTH_FAILED", 0.0,
+                                       "reject", replies.S535_AUTH_FAILED, mechanism))
+        engine.stats.count("auth_failed")
+        engine.events.publish("reject", connection=self.facts.connection_id, peer_ip=self.facts.peer_ip,
+                              phase="auth", subject=shown, check="auth", symbol="AUTH_FAILED",
+                              reply=replies.S535_AUTH_FAILED)
+        log.info("conn=%s authentication failed for %s with %s", self.facts.connection_id, shown, mechanism)
+        if self.auth_failures >= engine.policy.settings["auth.session_failures"]:
+            await self.push(replies.S535_AUTH_FAILED)
+            self._out.append(replies.S421_AUTH_FAILURES.format(hostname=self.hostname).encode() + b"\r\n")
+            await self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False, message=replies.S535_AUTH_FAILED)
 
     # ----------------------------------------------------------- replies
     async def push(self, status: str | bytes) -> None:
@@ -404,8 +486,8 @@ class Handler:
         reply = await self._helo(server, session, hostname, esmtp=True)
         if reply:
             return [reply]
-        # No AUTH until mechanisms and users exist (the authentication issue).
-        out = [r for r in responses if r[4:] != "HELP" and not r[4:].startswith("AUTH")]
+        # No AUTH line without mechanisms (the inbound listener offers none).
+        out = [r for r in responses if r[4:] != "HELP" and r[4:].strip() != "AUTH"]
         out.insert(1, "250-PIPELINING")
         out[-1] = "250 " + out[-1][4:]
         return out
@@ -581,10 +663,19 @@ class _Session(GuardSMTP):
         facts = SessionFacts(connection_id="", listener=handler.listener,
                              listener_kind=handler.kind, peer_ip="", peer_port=0)
         starttls = engine.tls.context(handler.listener) if handler.kind != "smtps" else None
-        super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
-                         enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
-                         ident="mailbox_guard", timeout=settings["smtp.timeout"],
-                         tls_context=starttls, loop=asyncio.get_running_loop())
+        # Submission and SMTPS: AUTH before MAIL. Inbound (MX): no AUTH at all.
+        # aiosmtpd knows TLS only as STARTTLS: on SMTPS the whole connection is TLS,
+        # so its "AUTH only after STARTTLS" rule is lifted there (and its warning
+        # about that, meant for plain-text listeners, silenced).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
+                             enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
+                             ident="mailbox_guard", timeout=settings["smtp.timeout"],
+                             tls_context=starttls, auth_required=handler.kind != "inbound",
+                             auth_require_tls=handler.kind != "smtps", loop=asyncio.get_running_loop())
+        if handler.kind == "inbound":
+            self._auth_methods.clear()
         self.engine = engine
 
     def _tls_facts(self, transport: asyncio.BaseTransport) -> None:

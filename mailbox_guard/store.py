@@ -32,7 +32,54 @@ DB_NAME = "mailbox-guard.db"
 
 # Numbered migrations from an older user_version to the next one. schema.sql always
 # describes the newest version; a fresh store is created from it directly.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: users, aliases, password policy, brute-force bans; per-domain anti-impersonation.
+    1: """
+ALTER TABLE domains ADD COLUMN anti_impersonation INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY COLLATE NOCASE, -- the login: the user's own address
+    domain        TEXT NOT NULL,
+    password_hash TEXT NOT NULL,                   -- argon2id (PHC string), never the password
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    created_at    REAL NOT NULL,
+    changed_at    REAL NOT NULL
+);
+
+CREATE TABLE user_aliases (                        -- further addresses a user may send as
+    address TEXT PRIMARY KEY COLLATE NOCASE,
+    user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE
+);
+
+CREATE TABLE password_policy (                     -- scope '*' is the server, else a domain
+    scope          TEXT PRIMARY KEY COLLATE NOCASE,
+    min_length     INTEGER NOT NULL,
+    min_classes    INTEGER NOT NULL,               -- of: lower, upper, digit, other
+    reject_common  INTEGER NOT NULL DEFAULT 1,
+    reject_name    INTEGER NOT NULL DEFAULT 1
+);
+
+CREATE TABLE auth_bans (                           -- brute force: refused early until `until`
+    kind       TEXT NOT NULL CHECK (kind IN ('ip', 'user')),
+    key        TEXT NOT NULL,
+    until      REAL NOT NULL,
+    failures   INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE TRIGGER users_ins AFTER INSERT ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER users_upd AFTER UPDATE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER users_del AFTER DELETE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_ins AFTER INSERT ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_upd AFTER UPDATE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_aliases_del AFTER DELETE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_ins AFTER INSERT ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_upd AFTER UPDATE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+""",
+}
 
 
 class StoreError(Exception):
@@ -413,6 +460,14 @@ class PolicyStore:
                 "ON CONFLICT(name) DO UPDATE SET next_hop = excluded.next_hop",
                 (name, hop, time.time()))
         return DomainRow(name, hop)
+
+    def set_domain_option(self, name: str, option: str, value: bool) -> None:
+        if option not in ("anti_impersonation",):
+            raise SettingError(f"unknown domain option {option!r}")
+        name = normalise_domain(name)
+        with self._tx() as conn:
+            if conn.execute(f"UPDATE domains SET {option} = ? WHERE name = ?", (int(value), name)).rowcount == 0:
+                raise SettingError(f"{name} is not a guarded domain")
 
     def remove_domain(self, name: str) -> bool:
         name = normalise_domain(name)

@@ -21,6 +21,7 @@ TABLE = [
     ("status", [], True, 0),
     ("domains add", ["more.test", "--next-hop", "127.0.0.1:9"], True, 0),
     ("domains list", [], True, 0),
+    ("domains set", ["more.test", "--anti-impersonation", "off"], False, 0),
     ("domains remove", ["more.test"], False, 0),
     ("recipients add", ["bob@example.test"], False, 0),
     ("recipients list", [], True, 0),
@@ -50,6 +51,17 @@ TABLE = [
     ("connections kill", ["C-NO-SUCH"], False, 1),
     ("messages why", ["{msgid}"], True, 0),
     ("tls show", [], True, 0),
+    ("users add", ["u1@example.test", "--password-stdin"], False, 0),
+    ("users passwd", ["u1@example.test", "--password-stdin"], False, 0),
+    ("users alias", ["u1@example.test", "u1-alias@example.test"], False, 0),
+    ("users unalias", ["u1-alias@example.test"], False, 0),
+    ("users disable", ["u1@example.test"], False, 0),
+    ("users enable", ["u1@example.test"], False, 0),
+    ("users list", [], True, 0),
+    ("users policy", [], True, 0),
+    ("users remove", ["u1@example.test"], False, 0),
+    ("auth bans", [], True, 0),
+    ("auth unban", ["192.0.2.99"], False, 1),
     ("tls install", ["--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], False, 1),
 ]
 ELSEWHERE = {"serve": "tests/test_lifecycle.py", "tui": "tests/test_tui.py"}
@@ -100,7 +112,8 @@ def test_every_command_as_subprocess(engine_home, command, args, takes_json, cod
     gw, queue_id, policy = engine_home
     argv = command.split() + expand(args, queue_id, policy) + (["--json"] if takes_json else [])
     out = subprocess.run([sys.executable, "-m", "mailbox_guard", "--home", str(gw.home), *argv],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+                         capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         input="Another-Str0ng-Passphrase\n" if "--password-stdin" in argv else None)
     if command == "queue retry":
         assert out.returncode in (0, 1)
     else:

@@ -92,3 +92,31 @@ def test_foreign_sqlite_file_is_refused(tmp_path):
     conn.close()
     out = cli(home, "domains", "list")
     assert out.returncode == 1 and "not a mailbox-guard store" in out.stderr
+
+
+def test_a_version_1_store_migrates_to_the_current_schema(tmp_path):
+    """An old store (made from the schema.sql of version 1, kept as test data) ends up
+    with exactly the tables, columns and triggers of a fresh one, data intact."""
+    old = tmp_path / "old"
+    old.mkdir()
+    conn = sqlite3.connect(old / store.DB_NAME)
+    v1 = (ROOT / "tests" / "data" / "schema-v1.sql").read_text()
+    conn.executescript(v1)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO domains (name, next_hop, created_at) VALUES ('kept.test', NULL, 0)")
+    conn.commit()
+    conn.close()
+    store.initialise(old / store.DB_NAME)
+    fresh = store.ensure_home(tmp_path / "fresh")
+
+    def shape(path):
+        c = sqlite3.connect(path)
+        tables = {r[0]: sorted(col[1] for col in c.execute(f"PRAGMA table_info({r[0]})"))
+                  for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        others = sorted(r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type != 'table'"))
+        version = c.execute("PRAGMA user_version").fetchone()[0]
+        c.close()
+        return tables, others, version
+
+    assert shape(old / store.DB_NAME) == shape(fresh)
+    assert store.PolicyStore(old / store.DB_NAME).domains()[0].name == "kept.test"

@@ -17,6 +17,13 @@ import trustme
 from tests.conftest import free_port, make_message
 
 
+PASSWORD = "Corr3ct-Horse-Battery"
+
+
+def add_user(gw, name: str, password: str = PASSWORD) -> None:
+    gw.cli("users", "add", name, "--password-stdin", input=password + "\n")
+
+
 @pytest.fixture
 def ca():
     return trustme.CA()
@@ -69,11 +76,14 @@ def test_starttls_verifies_against_the_installed_certificate(tls_gw, ca, sink):
 
 def test_smtps_is_tls_from_the_first_byte(tls_gw, ca, sink):
     ctx = client_context(ca)
+    add_user(tls_gw, "a@example.test")
     with smtplib.SMTP_SSL("127.0.0.1", tls_gw.smtps_port, local_hostname="client.test", timeout=10,
                           context=_no_hostname(ctx)) as s:
         code, _ = s.ehlo()
         assert code == 250 and not s.has_extn("starttls")
-        s.sendmail("a@sender.test", ["b@example.test"], make_message(subject="smtps"))
+        assert s.has_extn("auth")                   # offered at once: the channel is TLS already
+        s.login("a@example.test", PASSWORD)
+        s.sendmail("a@example.test", ["b@example.test"], make_message(subject="smtps", sender="a@example.test"))
     assert b"Subject: smtps" in sink.wait_for(1)[0].data
 
 
@@ -136,8 +146,11 @@ def test_new_certificate_is_used_by_the_next_connection(tls_gw, ca):
 
 def test_tls_facts_are_in_the_verdict_trace(tls_gw, ca, sink):
     ctx = _no_hostname(client_context(ca))
+    add_user(tls_gw, "a@example.test")
     with smtplib.SMTP_SSL("127.0.0.1", tls_gw.smtps_port, timeout=10, context=ctx) as s:
-        s.sendmail("a@sender.test", ["b@example.test"], make_message(message_id="<tls-trace@client.test>"))
+        s.login("a@example.test", PASSWORD)
+        s.sendmail("a@example.test", ["b@example.test"],
+                   make_message(message_id="<tls-trace@client.test>", sender="a@example.test"))
     tls_gw.wait_until(lambda: tls_gw.query("SELECT detail FROM verdicts WHERE symbol = 'TLS_ESTABLISHED'"),
                       what="tls verdict")
     detail = tls_gw.query("SELECT detail FROM verdicts WHERE symbol = 'TLS_ESTABLISHED'")[0]["detail"]

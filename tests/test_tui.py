@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import io
 import os
-import smtplib
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator

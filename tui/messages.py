@@ -30,8 +30,9 @@ class FeedUpdate(Message):
         self.events.extend(events)
 
 
-class LiveChanged(Message):
-    """The app's live state changed; sent to the screen on view."""
+class LiveChanged(Message, bubble=False):
+    """The app's live state changed; sent down to the screens of the current mode
+    (it must not bubble back up to the app, hence ``bubble=False``)."""
 
     def __init__(self, state: "LiveState", events: list[dict]) -> None:
         super().__init__()
@@ -39,8 +40,9 @@ class LiveChanged(Message):
         self.events = events
 
 
-class MessagesChanged(Message):
-    """A queue or quarantine action succeeded: lists showing ``kind`` reload."""
+class MessagesChanged(Message, bubble=False):
+    """A queue or quarantine action succeeded: posted to the app, which passes it
+    down to the screens of the current mode; lists showing ``kind`` reload."""
 
     def __init__(self, kind: str, key: str, action: str) -> None:
         super().__init__()

@@ -14,7 +14,6 @@ one case to handle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path

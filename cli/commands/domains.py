@@ -51,3 +51,18 @@ def domains_remove(name: str = typer.Argument(..., help="Domain name.")) -> None
     if not guarded(lambda: store().remove_domain(name)):
         fail(f"{name} is not a guarded domain")
     typer.echo(f"no longer guarding {name}")
+
+
+@app.command("set")
+def domains_set(name: str = typer.Argument(..., help="Domain name."),
+                anti_impersonation: Optional[str] = typer.Option(
+                    None, "--anti-impersonation", metavar="on|off",
+                    help="Whether its authenticated users may send only as themselves (default on).")) -> None:
+    """Change a guarded domain's options.
+
+    Example: mailbox-guard domains set example.org --anti-impersonation off
+    """
+    if anti_impersonation not in ("on", "off"):
+        raise typer.BadParameter("use on or off", param_hint="--anti-impersonation")
+    guarded(lambda: store().set_domain_option(name, "anti_impersonation", anti_impersonation == "on"))
+    typer.echo(f"{name}: anti-impersonation {anti_impersonation}")

@@ -154,8 +154,9 @@ class MessageListScreen(MessageActions, LiveScreen):
     def table(self) -> MessageTable:
         return self.query_one(MessageTable)
 
+    # Textual runs the on_mount of every class in the MRO: LiveScreen's shows the
+    # live state (and so loads the list); no super() call here.
     def on_mount(self) -> None:
-        super().on_mount()
         self._show_state()
         self.table.focus()
 
@@ -194,7 +195,7 @@ class MessageListScreen(MessageActions, LiveScreen):
     def live_update(self, state: LiveState, events: list[dict], first: bool) -> None:
         changed = (first or state.queue != self._seen_counts or state.running != self._seen_running
                    or any(e.get("topic") in ("message", "delivery") for e in events)
-                   or (state.running and time.monotonic() - self._loaded_at > 10))
+                   or time.monotonic() - self._loaded_at > 10)
         self._seen_counts, self._seen_running = state.queue, state.running
         if changed:
             self.reload()
@@ -338,7 +339,6 @@ class MessageDetailScreen(MessageActions, LiveScreen):
             yield Static(id="headers")
 
     def on_mount(self) -> None:
-        super().on_mount()
         self.query_one("#detail").focus()
         self.reload()
 

@@ -77,8 +77,8 @@ class KeyedTable(DataTable):
 
 
 class ConnectionTable(KeyedTable):
-    COLUMNS = (("remote", "Remote", 21), ("helo", "HELO", 18), ("user", "User", 8),
-               ("phase", "Phase", 6), ("tls", "TLS", 7), ("age", "Age", 7))
+    COLUMNS = (("remote", "Remote", 21), ("helo", "HELO", 17), ("user", "User", 8),
+               ("phase", "Phase", 7), ("tls", "TLS", 7), ("age", "Age", 7))
 
     def cells(self, row: dict) -> Cells:
         ip, port = row.get("peer_ip") or "?", row.get("peer_port")

@@ -1,0 +1,38 @@
+"""`mailbox-guard auth`: brute-force bans (client addresses and users)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import typer
+
+from cli.common import JSON, emit, fail, guarded, store
+from mailbox_guard.users import UserStore
+
+app = typer.Typer(help="Authentication bans after repeated failures.\n\n"
+                  "Example: mailbox-guard auth bans",
+                  no_args_is_help=True)
+
+
+@app.command("bans")
+def auth_bans(as_json: bool = JSON) -> None:
+    """List the bans in force (client addresses and users).
+
+    Example: mailbox-guard auth bans --json
+    """
+    rows = guarded(lambda: UserStore(store()).bans())
+    if not as_json:
+        for r in rows:
+            r["until"] = datetime.fromtimestamp(r["until"]).strftime("%Y-%m-%d %H:%M:%S")
+    emit(rows, as_json, ["kind", "key", "until", "failures"])
+
+
+@app.command("unban")
+def auth_unban(key: str = typer.Argument(..., help="The client address or user from `auth bans`.")) -> None:
+    """End a ban now (a running engine picks it up within a second).
+
+    Example: mailbox-guard auth unban 192.0.2.7
+    """
+    if not guarded(lambda: UserStore(store()).unban(key)):
+        fail(f"no ban for {key}")
+    typer.echo(f"unbanned {key}")

@@ -1,0 +1,217 @@
+"""Users of the gateway: argon2id password hashes, aliases, the password strength
+policy (server and domain level) and brute-force bans.
+
+Hashes use argon2id with at least OWASP's parameters (19 MiB, 2 iterations); a hash
+made with older parameters is replaced at the next successful login. Verification is
+CPU-heavy and runs off the event loop (the engine calls it in a thread). An unknown
+user is verified against a dummy hash so that the answer and its timing do not tell
+whether the user exists.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from .config import SettingError
+from .store import PolicyStore, normalise_domain
+
+HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16,
+                        type=Type.ID)
+_DUMMY_HASH = HASHER.hash("no such user: this hash only makes failures take as long")
+
+
+@dataclass(frozen=True)
+class PasswordPolicy:
+    scope: str = "*"
+    min_length: int = 12
+    min_classes: int = 3          # of lower, upper, digit, other
+    reject_common: bool = True
+    reject_name: bool = True
+
+
+DEFAULT_POLICY = PasswordPolicy()
+
+
+def _common_passwords() -> frozenset[str]:
+    text = resources.files("mailbox_guard").joinpath("data/common-passwords.txt").read_text()
+    return frozenset(line.strip().lower() for line in text.splitlines() if line.strip())
+
+
+def check_password(password: str, user: str, policy: PasswordPolicy) -> None:
+    """Raise SettingError naming the first rule the password breaks."""
+    if len(password) < policy.min_length:
+        raise SettingError(f"password too short: at least {policy.min_length} characters "
+                           f"(policy {policy.scope})")
+    classes = sum(bool(re.search(p, password)) for p in (r"[a-z]", r"[A-Z]", r"[0-9]", r"[^a-zA-Z0-9]"))
+    if classes < policy.min_classes:
+        raise SettingError(f"password needs {policy.min_classes} of: lower-case, upper-case, digits, "
+                           f"other characters (it has {classes}; policy {policy.scope})")
+    lowered = password.lower()
+    if policy.reject_name:
+        local = user.split("@")[0].lower()
+        if len(local) >= 3 and (local in lowered or user.lower() in lowered):
+            raise SettingError(f"password must not contain the user name (policy {policy.scope})")
+    if policy.reject_common and lowered in _common_passwords():
+        raise SettingError(f"password is on the list of common passwords (policy {policy.scope})")
+
+
+def hash_password(password: str) -> str:
+    return HASHER.hash(password)
+
+
+def verify_password(stored_hash: str | None, password: str) -> tuple[bool, bool]:
+    """(matches, needs_rehash). Blocking: call it in a thread."""
+    try:
+        HASHER.verify(stored_hash or _DUMMY_HASH, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False, False
+    if stored_hash is None:
+        return False, False
+    return True, HASHER.check_needs_rehash(stored_hash)
+
+
+def normalise_user(name: str) -> tuple[str, str]:
+    """A login is the user's own address: local@guarded-domain."""
+    local, at, domain = str(name).strip().rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local):
+        raise SettingError(f"a user is an address, e.g. alice@example.org (got {name!r})")
+    domain = normalise_domain(domain)
+    return f"{local}@{domain}", domain
+
+
+class UserStore:
+    """User administration on the store (CLI; the engine only reads)."""
+
+    def __init__(self, store: PolicyStore) -> None:
+        self.store = store
+
+    def policy_for(self, conn: sqlite3.Connection, domain: str) -> PasswordPolicy:
+        for scope in (domain, "*"):
+            row = conn.execute("SELECT scope, min_length, min_classes, reject_common, reject_name "
+                               "FROM password_policy WHERE scope = ?", (scope,)).fetchone()
+            if row:
+                return PasswordPolicy(row[0], row[1], row[2], bool(row[3]), bool(row[4]))
+        return DEFAULT_POLICY
+
+    def add(self, name: str, password: str) -> str:
+        name, domain = normalise_user(name)
+        with self.store._tx() as conn:
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is None:
+                raise SettingError(f"{domain} is not a guarded domain; add it first")
+            if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+                raise SettingError(f"user {name} exists; use `users passwd` to change the password")
+            check_password(password, name, self.policy_for(conn, domain))
+            now = time.time()
+            conn.execute("INSERT INTO users (name, domain, password_hash, created_at, changed_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (name, domain, hash_password(password), now, now))
+        return name
+
+    def passwd(self, name: str, password: str) -> str:
+        name, domain = normalise_user(name)
+        with self.store._tx() as conn:
+            self._exists(conn, name)
+            check_password(password, name, self.policy_for(conn, domain))
+            conn.execute("UPDATE users SET password_hash = ?, changed_at = ? WHERE name = ?",
+                         (hash_password(password), time.time(), name))
+        return name
+
+    def set_disabled(self, name: str, disabled: bool) -> str:
+        name, _ = normalise_user(name)
+        with self.store._tx() as conn:
+            self._exists(conn, name)
+            conn.execute("UPDATE users SET disabled = ? WHERE name = ?", (int(disabled), name))
+        return name
+
+    def remove(self, name: str) -> bool:
+        name, _ = normalise_user(name)
+        with self.store._tx() as conn:
+            return conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
+
+    def list(self) -> list[dict]:
+        with self.store._tx() as conn:
+            rows = conn.execute(
+                "SELECT u.name, u.disabled, u.changed_at, (SELECT group_concat(address, ', ') FROM "
+                "user_aliases a WHERE a.user = u.name) AS aliases FROM users u ORDER BY u.domain, u.name")
+            return [{"name": r[0], "disabled": bool(r[1]), "password_changed": r[2], "aliases": r[3] or ""}
+                    for r in rows]
+
+    def add_alias(self, name: str, address: str) -> str:
+        name, _ = normalise_user(name)
+        address, _ = normalise_user(address)
+        with self.store._tx() as conn:
+            self._exists(conn, name)
+            if conn.execute("SELECT 1 FROM users WHERE name = ?", (address,)).fetchone():
+                raise SettingError(f"{address} is a user of its own")
+            conn.execute("INSERT INTO user_aliases (address, user) VALUES (?, ?) "
+                         "ON CONFLICT(address) DO UPDATE SET user = excluded.user", (address, name))
+        return address
+
+    def remove_alias(self, address: str) -> bool:
+        address, _ = normalise_user(address)
+        with self.store._tx() as conn:
+            return conn.execute("DELETE FROM user_aliases WHERE address = ?", (address,)).rowcount > 0
+
+    def set_policy(self, scope: str, *, min_length: int, min_classes: int, reject_common: bool,
+                   reject_name: bool) -> PasswordPolicy:
+        scope = "*" if scope in ("*", "", None) else normalise_domain(scope)
+        if not 8 <= min_length <= 1024:
+            raise SettingError("minimum length must be between 8 and 1024")
+        if not 1 <= min_classes <= 4:
+            raise SettingError("character classes must be between 1 and 4")
+        with self.store._tx() as conn:
+            conn.execute("INSERT INTO password_policy (scope, min_length, min_classes, reject_common, "
+                         "reject_name) VALUES (?, ?, ?, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
+                         "min_length = excluded.min_length, min_classes = excluded.min_classes, "
+                         "reject_common = excluded.reject_common, reject_name = excluded.reject_name",
+                         (scope, min_length, min_classes, int(reject_common), int(reject_name)))
+        return PasswordPolicy(scope, min_length, min_classes, reject_common, reject_name)
+
+    def policies(self) -> list[dict]:
+        with self.store._tx() as conn:
+            rows = [dict(r) for r in conn.execute("SELECT * FROM password_policy ORDER BY scope")]
+        if not any(r["scope"] == "*" for r in rows):
+            d = DEFAULT_POLICY
+            rows.insert(0, {"scope": "*", "min_length": d.min_length, "min_classes": d.min_classes,
+                            "reject_common": 1, "reject_name": 1})
+        return rows
+
+    def bans(self) -> list[dict]:
+        with self.store._tx() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT kind, key, until, failures, created_at FROM auth_bans WHERE until > ? "
+                "ORDER BY until DESC", (time.time(),))]
+
+    def unban(self, key: str) -> bool:
+        with self.store._tx() as conn:
+            return conn.execute("DELETE FROM auth_bans WHERE key = ?", (key,)).rowcount > 0
+
+    @staticmethod
+    def _exists(conn: sqlite3.Connection, name: str) -> None:
+        if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone() is None:
+            raise SettingError(f"no user {name}")
+
+
+# ------------------------------------------------------------------ engine side
+@dataclass(frozen=True)
+class Account:
+    name: str
+    password_hash: str
+    disabled: bool
+    addresses: frozenset[str]          # lower-case: its own address and its aliases
+
+
+def load_account(conn: sqlite3.Connection, login: str) -> Account | None:
+    row = conn.execute("SELECT name, password_hash, disabled FROM users WHERE name = ?",
+                       (login.strip(),)).fetchone()
+    if row is None:
+        return None
+    aliases = [r[0].lower() for r in conn.execute("SELECT address FROM user_aliases WHERE user = ?",
+                                                  (row[0],))]
+    return Account(row[0], row[1], bool(row[2]), frozenset([row[0].lower(), *aliases]))

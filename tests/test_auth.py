@@ -1,0 +1,237 @@
+"""Authentication with real clients (smtplib, swaks): PLAIN and LOGIN over STARTTLS
+and over implicit TLS, the same failure for a wrong password, an unknown user and a
+disabled user, submission requires AUTH, anti-impersonation of envelope and headers,
+brute-force disconnect and ban, password policy."""
+
+from __future__ import annotations
+
+import shutil
+import smtplib
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from mailbox_guard import replies
+from tests.conftest import free_port, make_message
+
+PASSWORD = "Corr3ct-Horse-Battery"
+
+
+def add_user(gw, name: str, password: str = PASSWORD):
+    return gw.cli("users", "add", name, "--password-stdin", input=password + "\n", check=False)
+
+
+def insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@pytest.fixture
+def sub(gateway, sink):
+    """A submission and an SMTPS listener; alice and bob; example.test to the sink."""
+    gateway.policy().add_domain("example.test", sink.hop)
+    gateway.policy().add_domain("other.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    assert add_user(gateway, "bob@example.test").returncode == 0
+    gateway.cli("users", "alias", "alice@example.test", "sales@example.test")
+    gateway.sub_port, gateway.smtps_port = free_port(), free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}", "--smtps", f"127.0.0.1:{gateway.smtps_port}")
+    return gateway
+
+
+def submission(gw) -> smtplib.SMTP:
+    s = smtplib.SMTP("127.0.0.1", gw.sub_port, local_hostname="client.test", timeout=10)
+    s.ehlo()
+    s.starttls(context=insecure())
+    s.ehlo()
+    return s
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_smtplib_auth_over_starttls_then_send(sub, sink, mechanism):
+    with submission(sub) as s:
+        assert s.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+        s.user, s.password = "alice@example.test", PASSWORD
+        code, _ = s.auth(mechanism, getattr(s, f"auth_{mechanism.lower()}"))
+        assert code == 235
+        s.sendmail("alice@example.test", ["friend@elsewhere.test"],
+                   make_message(sender="alice@example.test", to="friend@elsewhere.test", subject=mechanism))
+    # Relaying to any domain is allowed once authenticated (delivery by MX is not
+    # possible here: the message waits in the queue).
+    sub.wait_until(lambda: sub.query("SELECT count(*) AS n FROM messages")[0]["n"] == 1, what="queued")
+    trace = sub.query("SELECT symbol FROM verdicts WHERE symbol IN ('AUTH_OK', 'RELAY_AUTHENTICATED')")
+    assert {r["symbol"] for r in trace} >= {"RELAY_AUTHENTICATED"}
+
+
+def test_smtps_login(sub, sink):
+    with smtplib.SMTP_SSL("127.0.0.1", sub.smtps_port, timeout=10, context=insecure()) as s:
+        s.login("alice@example.test", PASSWORD)
+        s.sendmail("alice@example.test", ["bob@example.test"], make_message(sender="alice@example.test"))
+    assert sink.wait_for(1)[0].mail_from == "alice@example.test"
+
+
+@pytest.mark.parametrize("mechanism,tls", [("PLAIN", "--tls"), ("LOGIN", "--tls"),
+                                           ("PLAIN", "--tls-on-connect"), ("LOGIN", "--tls-on-connect")])
+def test_swaks_auth(sub, sink, mechanism, tls):
+    swaks = shutil.which("swaks")
+    assert swaks, "swaks is required"
+    port = sub.sub_port if tls == "--tls" else sub.smtps_port
+    out = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", tls, "--auth", mechanism,
+                          "--auth-user", "alice@example.test", "--auth-password", PASSWORD,
+                          "--from", "alice@example.test", "--to", "bob@example.test",
+                          "--header", f"From: alice@example.test", "--helo", "swaks.test"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert "235 2.7.0" in out.stdout and "queued as" in out.stdout
+    assert PASSWORD not in sub.log()          # no secret in a log line
+
+
+def test_failures_look_the_same_and_say_nothing(sub):
+    sub.cli("users", "disable", "bob@example.test")
+    answers = []
+    for user, password in (("alice@example.test", "wrong-Password-1"), ("nobody@example.test", PASSWORD),
+                           ("bob@example.test", PASSWORD)):
+        with submission(sub) as s:
+            with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+                s.login(user, password)
+            answers.append((err.value.smtp_code, err.value.smtp_error))
+    assert len(set(answers)) == 1
+    assert answers[0] == (535, replies.S535_AUTH_FAILED[4:].encode())
+
+
+def test_submission_requires_auth_and_tls(sub):
+    with smtplib.SMTP("127.0.0.1", sub.sub_port, timeout=10) as s:
+        s.ehlo()
+        assert "auth" not in s.esmtp_features                  # not before TLS
+        assert s.docmd("AUTH", "PLAIN AGFsaWNlAHg=")[0] == 538
+        assert s.docmd("MAIL", "FROM:<alice@example.test>")[0] == 530
+    with submission(sub) as s:
+        assert s.docmd("MAIL", "FROM:<alice@example.test>")[0] == 530
+
+
+def test_inbound_listener_offers_no_auth(sub):
+    with smtplib.SMTP("127.0.0.1", sub.port, timeout=10) as s:
+        s.ehlo()
+        s.starttls(context=insecure())
+        s.ehlo()
+        assert "auth" not in s.esmtp_features
+        assert s.docmd("AUTH", "PLAIN AGFsaWNlAHg=")[0] == 504
+
+
+def login(sub, user="alice@example.test") -> smtplib.SMTP:
+    s = submission(sub)
+    s.login(user, PASSWORD)
+    return s
+
+
+def test_envelope_impersonation(sub, sink):
+    with login(sub) as s:
+        assert s.docmd("MAIL", "FROM:<sales@example.test>")[0] == 250          # an alias
+        s.rset()
+        code, text = s.docmd("MAIL", "FROM:<bob@example.test>")                # someone else
+        assert (code, text.decode()) == (553, replies.S553_SENDER_NOT_OWNED[4:].format(user="alice@example.test"))
+        assert s.docmd("MAIL", "FROM:<ALICE@Example.Test>")[0] == 250          # case does not matter
+
+
+def test_header_impersonation(sub, sink):
+    with login(sub) as s:
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        code, text = s.data(make_message(sender="bob@example.test"))
+        assert code == 553 and b"From:/Sender:" in text
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        sender_hdr = make_message(sender="alice@example.test").replace(b"Subject:", b"Sender: <boss@example.test>\r\nSubject:")
+        assert s.data(sender_hdr)[0] == 553
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        assert s.data(make_message(sender="sales@example.test"))[0] == 250      # alias in From:
+    assert sink.wait_for(1)
+    assert sub.query("SELECT count(*) AS n FROM verdicts WHERE symbol = 'HEADER_SENDER_NOT_OWNED'")[0]["n"] == 2
+
+
+def test_anti_impersonation_can_be_switched_off_per_domain(sub):
+    sub.cli("domains", "set", "example.test", "--anti-impersonation", "off")
+    sub.wait_until(lambda: _mail_code(sub, "bob@example.test") == 250, timeout=5, what="policy reload")
+
+
+def _mail_code(sub, sender: str) -> int:
+    with login(sub) as s:
+        return s.docmd("MAIL", f"FROM:<{sender}>")[0]
+
+
+def test_brute_force_disconnect_ban_and_expiry(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    gateway.configure(**{"auth.session_failures": "3", "auth.ban_after": "5", "auth.ban_time": "3s"})
+    gateway.sub_port = free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
+    # Three failures in one session: disconnected.
+    with submission(gateway) as s:
+        for i in range(2):
+            assert s.docmd("AUTH", _plain("alice@example.test", f"bad-{i}"))[0] == 535
+        code, _ = s.docmd("AUTH", _plain("alice@example.test", "bad-2"))
+        assert code == 535
+        assert s.getreply()[0] == 421
+    # Two more from the same address: banned; the right password is refused too.
+    with submission(gateway) as s:
+        for i in range(2):
+            s.docmd("AUTH", _plain("alice@example.test", f"worse-{i}"))
+    with submission(gateway) as s:
+        assert s.docmd("AUTH", _plain("alice@example.test", PASSWORD))[0] == 535
+    bans = gateway.cli("auth", "bans", "--json").stdout
+    assert '"127.0.0.1"' in bans
+    time.sleep(3.2)
+    with submission(gateway) as s:
+        assert s.docmd("AUTH", _plain("alice@example.test", PASSWORD))[0] == 235
+
+
+def test_unban_from_the_cli(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    gateway.configure(**{"auth.ban_after": "2", "auth.ban_time": "1h"})
+    gateway.sub_port = free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
+    for i in range(2):
+        with submission(gateway) as s:
+            s.docmd("AUTH", _plain("alice@example.test", f"bad-{i}"))
+    with submission(gateway) as s:
+        assert s.docmd("AUTH", _plain("alice@example.test", PASSWORD))[0] == 535
+    gateway.cli("auth", "unban", "127.0.0.1")
+    gateway.wait_until(lambda: _auth_code(gateway) == 235, timeout=5, what="unban picked up")
+
+
+def _auth_code(gw) -> int:
+    with submission(gw) as s:
+        return s.docmd("AUTH", _plain("alice@example.test", PASSWORD))[0]
+
+
+def _plain(user: str, password: str) -> str:
+    import base64
+    return "PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+@pytest.mark.parametrize("password,rule", [("Short1!", "too short"), ("alllowercaseletters", "needs 3"),
+                                           ("Password123!", "common"), ("Alice-Example-2026", "user name")])
+def test_password_policy_names_the_rule(gateway, password, rule):
+    gateway.policy().add_domain("example.test")
+    out = gateway.cli("users", "add", "alice@example.test", "--password-stdin", input=password + "\n", check=False)
+    assert out.returncode == 1 and rule in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_domain_password_policy_overrides_the_server(gateway):
+    gateway.policy().add_domain("strict.test")
+    gateway.cli("users", "policy", "--domain", "strict.test", "--min-length", "30")
+    out = gateway.cli("users", "add", "a@strict.test", "--password-stdin", input=PASSWORD + "\n", check=False)
+    assert out.returncode == 1 and "at least 30" in out.stderr
+
+
+def test_passwords_are_stored_as_argon2id(gateway):
+    gateway.policy().add_domain("example.test")
+    add_user(gateway, "alice@example.test")
+    row = gateway.query("SELECT password_hash FROM users")[0]["password_hash"]
+    assert row.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and PASSWORD not in row

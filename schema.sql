@@ -61,6 +61,19 @@ CREATE TABLE user_aliases (                        -- further addresses a user m
     user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE
 );
 
+CREATE TABLE user_secrets (                       -- per-mechanism derived secrets (SCRAM keys,
+    user      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    mechanism TEXT NOT NULL,                        -- DIGEST-MD5 H(A1)), never the password
+    secret    TEXT NOT NULL,
+    PRIMARY KEY (user, mechanism)
+);
+
+CREATE TABLE domain_mechanisms (                   -- legacy mechanisms a domain has switched on
+    domain    TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    mechanism TEXT NOT NULL CHECK (mechanism IN ('CRAM-MD5', 'DIGEST-MD5')),
+    PRIMARY KEY (domain, mechanism)
+);
+
 CREATE TABLE password_policy (                     -- scope '*' is the server, else a domain
     scope          TEXT PRIMARY KEY COLLATE NOCASE,
     min_length     INTEGER NOT NULL,
@@ -104,6 +117,12 @@ CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE 
 CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_ins AFTER INSERT ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_upd AFTER UPDATE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_del AFTER DELETE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_ins AFTER INSERT ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_upd AFTER UPDATE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_del AFTER DELETE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_del AFTER DELETE ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 
 -- ---------------------------------------------------------------- queue

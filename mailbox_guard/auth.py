@@ -34,6 +34,20 @@ class AuthService:
         until = self.bans.get((kind, key.lower()))
         return until is not None and until > time.time()
 
+    def refused(self, ip: str, login: str) -> bool:
+        return self.banned("ip", ip) or self.banned("user", login)
+
+    async def account(self, login: str) -> Account | None:
+        """The account a login names, if it may log in at all (exists, enabled)."""
+        account = await self.engine.readers.run(lambda c: load_account(c, login))
+        return account if account is not None and not account.disabled else None
+
+    def succeeded(self, ip: str) -> None:
+        self.failures.pop(("ip", ip), None)
+
+    async def failed(self, ip: str, login: str) -> None:
+        await self._failed(ip, login, self.engine.policy.settings)
+
     async def login(self, login: str, password: str, ip: str) -> Account | None:
         """The account when the password is right and nobody is banned, else None."""
         settings = self.engine.policy.settings

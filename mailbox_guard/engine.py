@@ -67,7 +67,8 @@ def load_policy(conn) -> Policy:
         domains=[tuple(r) for r in conn.execute("SELECT name, next_hop, anti_impersonation FROM domains")],
         recipients=[r[0] for r in conn.execute("SELECT address FROM recipients")],
         networks=[r[0] for r in conn.execute("SELECT cidr FROM networks")],
-        settings={r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")})
+        settings={r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")},
+        legacy_mechanisms=[(r[0], r[1]) for r in conn.execute("SELECT domain, mechanism FROM domain_mechanisms")])
 
 
 class EngineLockedError(StoreError):

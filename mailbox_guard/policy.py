@@ -32,6 +32,8 @@ class Policy:
     domains: Mapping[str, Domain] = field(default_factory=dict)
     recipients: frozenset[str] = frozenset()         # lower-cased full addresses
     trusted_networks: tuple[IPNetwork, ...] = ()
+    legacy_mechanisms: frozenset[str] = frozenset()   # enabled by at least one domain
+    legacy_realms: Mapping[str, frozenset[str]] = field(default_factory=dict)   # mechanism -> domains
 
     def guarded(self, domain: str) -> Domain | None:
         return self.domains.get(domain.lower())
@@ -51,7 +53,8 @@ class Policy:
     @classmethod
     def from_rows(cls, version: int, *, domains: Iterable[tuple],
                   recipients: Iterable[str], networks: Iterable[str],
-                  settings: Mapping[str, str]) -> "Policy":
+                  settings: Mapping[str, str],
+                  legacy_mechanisms: Iterable[tuple[str, str]] = ()) -> "Policy":
         recipient_set = frozenset(r.lower() for r in recipients)
         with_lists = {r.rpartition("@")[2] for r in recipient_set}
         doms = {}
@@ -65,4 +68,7 @@ class Policy:
             except ValueError:
                 continue   # validated on the way in; a hand-edited bad row trusts nothing
         return cls(version=version, settings=Settings(settings), domains=doms,
-                   recipients=recipient_set, trusted_networks=tuple(nets))
+                   recipients=recipient_set, trusted_networks=tuple(nets),
+                   legacy_mechanisms=frozenset(m for _, m in legacy_mechanisms),
+                   legacy_realms={m: frozenset(d for d, mm in legacy_mechanisms if mm == m)
+                                  for _, m in legacy_mechanisms})

@@ -33,7 +33,8 @@ DB_NAME = "mailbox-guard.db"
 # Numbered migrations from an older user_version to the next one. schema.sql always
 # describes the newest version; a fresh store is created from it directly.
 MIGRATIONS: dict[int, str] = {
-    # 1 -> 2: users, aliases, password policy, brute-force bans; per-domain anti-impersonation.
+    # 1 -> 2: users, aliases, mechanism secrets, password policy, brute-force bans;
+    # per-domain anti-impersonation and legacy mechanisms.
     1: """
 ALTER TABLE domains ADD COLUMN anti_impersonation INTEGER NOT NULL DEFAULT 1;
 CREATE TABLE users (
@@ -48,6 +49,19 @@ CREATE TABLE users (
 CREATE TABLE user_aliases (                        -- further addresses a user may send as
     address TEXT PRIMARY KEY COLLATE NOCASE,
     user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE
+);
+
+CREATE TABLE user_secrets (                       -- per-mechanism derived secrets (SCRAM keys,
+    user      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    mechanism TEXT NOT NULL,                        -- DIGEST-MD5 H(A1)), never the password
+    secret    TEXT NOT NULL,
+    PRIMARY KEY (user, mechanism)
+);
+
+CREATE TABLE domain_mechanisms (                   -- legacy mechanisms a domain has switched on
+    domain    TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE ON UPDATE CASCADE,
+    mechanism TEXT NOT NULL CHECK (mechanism IN ('CRAM-MD5', 'DIGEST-MD5')),
+    PRIMARY KEY (domain, mechanism)
 );
 
 CREATE TABLE password_policy (                     -- scope '*' is the server, else a domain
@@ -78,6 +92,12 @@ CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE 
 CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_ins AFTER INSERT ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_upd AFTER UPDATE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER user_secrets_del AFTER DELETE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_ins AFTER INSERT ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_upd AFTER UPDATE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER domain_mechanisms_del AFTER DELETE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 """,
 }
 

@@ -10,6 +10,9 @@ whether the user exists.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import re
 import sqlite3
 import time
@@ -66,6 +69,32 @@ def hash_password(password: str) -> str:
     return HASHER.hash(password)
 
 
+SCRAM_ITERATIONS = 4096      # RFC 7677's minimum; the work is on the client too
+
+
+def mechanism_secrets(user: str, domain: str, password: str, legacy: set[str]) -> dict[str, str]:
+    """What the SASL mechanisms need, derived from the password at the moment it is
+    set: SCRAM's salted keys always; DIGEST-MD5's H(user:realm:password) only where
+    the domain enabled it (it is password-equivalent). Never the password itself."""
+    from scramp import ScramMechanism
+    salt, stored_key, server_key, iterations = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=SCRAM_ITERATIONS)
+    out = {"SCRAM-SHA-256": json.dumps({"salt": base64.b64encode(salt).decode(),
+                                        "stored_key": base64.b64encode(stored_key).decode(),
+                                        "server_key": base64.b64encode(server_key).decode(),
+                                        "iterations": iterations})}
+    if "DIGEST-MD5" in legacy:
+        out["DIGEST-MD5"] = hashlib.md5(f"{user}:{domain}:{password}".encode()).hexdigest()
+    return out
+
+
+def _store_secrets(conn: sqlite3.Connection, user: str, domain: str, password: str) -> None:
+    legacy = {r[0] for r in conn.execute("SELECT mechanism FROM domain_mechanisms WHERE domain = ?", (domain,))}
+    conn.execute("DELETE FROM user_secrets WHERE user = ?", (user,))
+    conn.executemany("INSERT INTO user_secrets (user, mechanism, secret) VALUES (?, ?, ?)",
+                     [(user, m, v) for m, v in mechanism_secrets(user, domain, password, legacy).items()])
+
+
 def verify_password(stored_hash: str | None, password: str) -> tuple[bool, bool]:
     """(matches, needs_rehash). Blocking: call it in a thread."""
     try:
@@ -111,6 +140,7 @@ class UserStore:
             now = time.time()
             conn.execute("INSERT INTO users (name, domain, password_hash, created_at, changed_at) "
                          "VALUES (?, ?, ?, ?, ?)", (name, domain, hash_password(password), now, now))
+            _store_secrets(conn, name, domain, password)
         return name
 
     def passwd(self, name: str, password: str) -> str:
@@ -120,6 +150,7 @@ class UserStore:
             check_password(password, name, self.policy_for(conn, domain))
             conn.execute("UPDATE users SET password_hash = ?, changed_at = ? WHERE name = ?",
                          (hash_password(password), time.time(), name))
+            _store_secrets(conn, name, domain, password)
         return name
 
     def set_disabled(self, name: str, disabled: bool) -> str:
@@ -182,6 +213,23 @@ class UserStore:
                             "reject_common": 1, "reject_name": 1})
         return rows
 
+    def set_mechanism(self, domain: str, mechanism: str, enabled: bool) -> None:
+        domain = normalise_domain(domain)
+        mechanism = mechanism.upper()
+        if mechanism not in LEGACY_MECHANISMS:
+            raise SettingError(f"only {', '.join(sorted(LEGACY_MECHANISMS))} are switched per domain")
+        with self.store._tx() as conn:
+            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is None:
+                raise SettingError(f"{domain} is not a guarded domain")
+            if enabled:
+                conn.execute("INSERT OR IGNORE INTO domain_mechanisms (domain, mechanism) VALUES (?, ?)",
+                             (domain, mechanism))
+            else:
+                conn.execute("DELETE FROM domain_mechanisms WHERE domain = ? AND mechanism = ?",
+                             (domain, mechanism))
+                conn.execute("DELETE FROM user_secrets WHERE mechanism = ? AND user IN "
+                             "(SELECT name FROM users WHERE domain = ?)", (mechanism, domain))
+
     def bans(self) -> list[dict]:
         with self.store._tx() as conn:
             return [dict(r) for r in conn.execute(
@@ -199,19 +247,27 @@ class UserStore:
 
 
 # ------------------------------------------------------------------ engine side
+LEGACY_MECHANISMS = frozenset({"DIGEST-MD5"})
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
+    domain: str
     password_hash: str
     disabled: bool
     addresses: frozenset[str]          # lower-case: its own address and its aliases
+    secrets: dict                      # mechanism -> derived secret
 
 
 def load_account(conn: sqlite3.Connection, login: str) -> Account | None:
-    row = conn.execute("SELECT name, password_hash, disabled FROM users WHERE name = ?",
+    row = conn.execute("SELECT name, domain, password_hash, disabled FROM users WHERE name = ?",
                        (login.strip(),)).fetchone()
     if row is None:
         return None
     aliases = [r[0].lower() for r in conn.execute("SELECT address FROM user_aliases WHERE user = ?",
                                                   (row[0],))]
-    return Account(row[0], row[1], bool(row[2]), frozenset([row[0].lower(), *aliases]))
+    secrets = dict(conn.execute("SELECT mechanism, secret FROM user_secrets WHERE user = ?", (row[0],)).fetchall())
+    enabled = {r[0] for r in conn.execute("SELECT mechanism FROM domain_mechanisms WHERE domain = ?", (row[1],))}
+    secrets = {m: v for m, v in secrets.items() if m not in LEGACY_MECHANISMS or m in enabled}
+    return Account(row[0], row[1], row[2], bool(row[3]), frozenset([row[0].lower(), *aliases]), secrets)

@@ -54,7 +54,7 @@ def submission(gw) -> smtplib.SMTP:
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_smtplib_auth_over_starttls_then_send(sub, sink, mechanism):
     with submission(sub) as s:
-        assert s.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+        assert s.esmtp_features["auth"].split() == ["LOGIN", "PLAIN", "SCRAM-SHA-256"]
         s.user, s.password = "alice@example.test", PASSWORD
         code, _ = s.auth(mechanism, getattr(s, f"auth_{mechanism.lower()}"))
         assert code == 235
@@ -235,3 +235,64 @@ def test_passwords_are_stored_as_argon2id(gateway):
     add_user(gateway, "alice@example.test")
     row = gateway.query("SELECT password_hash FROM users")[0]["password_hash"]
     assert row.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and PASSWORD not in row
+
+
+def scram_login(s: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
+    """A SCRAM-SHA-256 client exchange (scramp's client) over SMTP AUTH."""
+    import base64
+    from scramp import ScramClient
+    client = ScramClient(["SCRAM-SHA-256"], user, password)
+    code, resp = s.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.get_client_first().encode()).decode())
+    if code != 334:
+        return code, resp
+    client.set_server_first(base64.b64decode(resp).decode())
+    code, resp = s.docmd(base64.b64encode(client.get_client_final().encode()).decode())
+    if code != 334:
+        return code, resp
+    client.set_server_final(base64.b64decode(resp).decode())     # checks the server's proof
+    return s.docmd("")
+
+
+def test_scram_sha_256(sub, sink):
+    with submission(sub) as s:
+        assert scram_login(s, "alice@example.test", PASSWORD)[0] == 235
+        s.sendmail("alice@example.test", ["bob@example.test"], make_message(sender="alice@example.test"))
+    assert sink.wait_for(1)
+    answers = set()
+    for user, password in (("alice@example.test", "wrong-Password-1"), ("nobody@example.test", PASSWORD)):
+        with submission(sub) as s:
+            answers.add(scram_login(s, user, password))
+    assert answers == {(535, replies.S535_AUTH_FAILED[4:].encode())}
+    secrets = sub.query("SELECT mechanism, secret FROM user_secrets WHERE user = 'alice@example.test'")
+    assert [r["mechanism"] for r in secrets] == ["SCRAM-SHA-256"] and PASSWORD not in secrets[0]["secret"]
+
+
+def test_digest_md5_is_off_until_a_domain_enables_it(sub, sink):
+    with submission(sub) as s:
+        assert "DIGEST-MD5" not in s.esmtp_features["auth"]
+        assert s.docmd("AUTH", "DIGEST-MD5")[0] == 504
+    sub.cli("users", "mechanism", "example.test", "DIGEST-MD5", "on")
+    sub.cli("users", "passwd", "alice@example.test", "--password-stdin", input=PASSWORD + "\n")
+    assert sub.query("SELECT count(*) AS n FROM user_secrets WHERE mechanism = 'DIGEST-MD5'")[0]["n"] == 1
+    swaks = shutil.which("swaks")
+    sub.wait_until(lambda: "DIGEST-MD5" in _features(sub), timeout=5, what="mechanism on")
+    for tls, port in (("--tls", sub.sub_port), ("--tls-on-connect", sub.smtps_port)):
+        out = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", tls, "--auth", "DIGEST-MD5",
+                              "--auth-user", "alice@example.test", "--auth-password", PASSWORD,
+                              "--from", "alice@example.test", "--to", "bob@example.test",
+                              "--header", "From: alice@example.test"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "235 2.7.0" in out.stdout, out.stdout[-1500:]
+    out = subprocess.run([swaks, "--server", f"127.0.0.1:{sub.sub_port}", "--tls", "--auth", "DIGEST-MD5",
+                          "--auth-user", "alice@example.test", "--auth-password", "wrong-Password-1",
+                          "--from", "alice@example.test", "--to", "bob@example.test"],
+                         capture_output=True, text=True, timeout=60)
+    assert "535 5.7.8" in out.stdout
+    # Switched off again: the derived secrets are gone.
+    sub.cli("users", "mechanism", "example.test", "DIGEST-MD5", "off")
+    assert sub.query("SELECT count(*) AS n FROM user_secrets WHERE mechanism = 'DIGEST-MD5'")[0]["n"] == 0
+
+
+def _features(gw) -> str:
+    with submission(gw) as s:
+        return s.esmtp_features.get("auth", "")

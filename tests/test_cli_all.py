@@ -58,6 +58,7 @@ TABLE = [
     ("users disable", ["u1@example.test"], False, 0),
     ("users enable", ["u1@example.test"], False, 0),
     ("users list", [], True, 0),
+    ("users mechanism", ["example.test", "DIGEST-MD5", "on"], False, 0),
     ("users policy", [], True, 0),
     ("users remove", ["u1@example.test"], False, 0),
     ("auth bans", [], True, 0),

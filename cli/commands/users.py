@@ -138,3 +138,20 @@ def users_policy(domain: Optional[str] = typer.Option(None, "--domain", help="Fo
                                       reject_name=bool(base["reject_name"]) if reject_name is None else reject_name))
     emit(guarded(lambda: us.policies()), as_json, ["scope", "min_length", "min_classes", "reject_common",
                                                     "reject_name"])
+
+
+@app.command("mechanism")
+def users_mechanism(domain: str = typer.Argument(..., help="A guarded domain."),
+                    mechanism: str = typer.Argument(..., help="DIGEST-MD5."),
+                    state: str = typer.Argument(..., metavar="on|off", help="Switch it on or off.")) -> None:
+    """Switch a legacy SASL mechanism on or off for a domain's users.
+
+    It needs a password-equivalent secret, so it is off by default; once on, each user's
+    secret is made at their next password set (`users passwd`). Off deletes the secrets.
+
+    Example: mailbox-guard users mechanism example.org DIGEST-MD5 on
+    """
+    if state not in ("on", "off"):
+        raise typer.BadParameter("use on or off", param_hint="STATE")
+    guarded(lambda: users().set_mechanism(domain, mechanism, state == "on"))
+    typer.echo(f"{mechanism.upper()} {state} for {domain}")

@@ -38,6 +38,8 @@ CREATE TABLE listeners (
     kind       TEXT NOT NULL CHECK (kind IN ('inbound', 'submission', 'smtps')),
     host       TEXT NOT NULL,
     port       INTEGER NOT NULL CHECK (port BETWEEN 0 AND 65535),
+    require_auth   INTEGER NOT NULL DEFAULT 0,    -- accept only authenticated clients
+    plaintext_auth INTEGER NOT NULL DEFAULT 0,    -- PLAIN/LOGIN without TLS (loopback only)
     UNIQUE (host, port)
 );
 

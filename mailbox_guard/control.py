@@ -40,9 +40,9 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 64
 
 READ_ONLY = frozenset({"hello", "status", "connections", "queue.list", "queue.show", "stats",
-                       "messages.why", "subscribe"})
+                       "messages.why", "subscribe", "auth.bans"})
 ADMIN = frozenset({"connections.kill", "queue.retry", "queue.hold", "queue.release", "queue.delete",
-                   "queue.flush", "reload"})
+                   "queue.flush", "reload", "auth.unban"})
 
 
 class ControlError(Exception):
@@ -69,6 +69,7 @@ class ControlServer:
             "messages.why": self._why, "connections.kill": self._kill,
             "queue.retry": self._retry, "queue.hold": self._hold, "queue.release": self._release,
             "queue.delete": self._delete, "queue.flush": self._flush, "reload": self._reload,
+            "auth.bans": self._bans, "auth.unban": self._unban,
         }
         assert set(self.methods) | {"subscribe"} == READ_ONLY | ADMIN
 
@@ -282,3 +283,19 @@ class ControlServer:
     async def _reload(self, params: dict) -> dict:
         changed = await self.engine.reload_policy()
         return {"changed": changed, "policy_version": self.engine.policy.version}
+
+    async def _bans(self, params: dict) -> list[dict]:
+        now = time.time()
+        return await self.engine.readers.run(lambda c: [
+            dict(zip(("kind", "key", "until", "failures", "created_at"), r)) for r in c.execute(
+                "SELECT kind, key, until, failures, created_at FROM auth_bans WHERE until > ? "
+                "ORDER BY until DESC", (now,))])
+
+    async def _unban(self, params: dict) -> dict:
+        key = self._id(params)
+        removed = await self.engine.writer.run(
+            lambda c: c.execute("DELETE FROM auth_bans WHERE key = ?", (key,)).rowcount)
+        if not removed:
+            raise ControlError("not_found", f"no ban for {key}")
+        await self.engine.reload_policy()
+        return {"unbanned": key}

@@ -53,6 +53,8 @@ class ListenerSpec:
     kind: str
     host: str
     port: int
+    require_auth: bool = False       # only authenticated clients (always so for submission)
+    plaintext_auth: bool = False     # PLAIN/LOGIN before TLS: loopback listeners only
 
 
 def default_checks() -> list:
@@ -174,13 +176,14 @@ class Engine:
             return list(self.listener_override)
         rows = PolicyStore(self.db_path).listeners()
         if rows:
-            return [ListenerSpec(r["name"], r["kind"], r["host"], r["port"]) for r in rows]
+            return [ListenerSpec(r["name"], r["kind"], r["host"], r["port"], r["require_auth"],
+                                 r["plaintext_auth"]) for r in rows]
         return [ListenerSpec(*row) for row in DEFAULT_LISTENERS]
 
     async def _start_listeners(self) -> None:
         loop = asyncio.get_running_loop()
         for spec in self._listener_specs():
-            handler = Handler(self, spec.name, spec.kind)
+            handler = Handler(self, spec.name, spec.kind, spec)
             assert_hooks(handler)
             try:
                 # STARTTLS listeners get their context per connection (make_protocol);

@@ -21,7 +21,9 @@ def read_policy(store: PolicyStore) -> dict[str, Any]:
         "recipients": store.recipients(),
         "networks": [{"cidr": n["cidr"], **({"comment": n["comment"]} if n["comment"] else {})}
                      for n in store.networks()],
-        "listeners": [{"name": r["name"], "kind": r["kind"], "address": f"{r['host']}:{r['port']}"}
+        "listeners": [{"name": r["name"], "kind": r["kind"], "address": f"{r['host']}:{r['port']}",
+                       **({"require_auth": True} if r["require_auth"] else {}),
+                       **({"plaintext_auth": True} if r["plaintext_auth"] else {})}
                       for r in store.listeners()],
         "settings": dict(sorted(store.settings().items())),
     }
@@ -68,8 +70,14 @@ def parse_policy(doc: dict[str, Any]) -> dict[str, Any]:
     for entry in items("listeners", list):
         if not isinstance(entry, dict) or not {"name", "kind", "address"} <= set(entry):
             raise SettingError("each [[listeners]] entry needs name, kind and address")
-        listeners.append({"name": str(entry["name"]), "kind": str(entry["kind"]),
-                          "address": str(entry["address"])})
+        row = {"name": str(entry["name"]), "kind": str(entry["kind"]), "address": str(entry["address"])}
+        for flag in ("require_auth", "plaintext_auth"):
+            if entry.get(flag):
+                row[flag] = True
+        PolicyStore.listener_row(row["name"], row["kind"], row["address"],
+                                 require_auth=row.get("require_auth", False),
+                                 plaintext_auth=row.get("plaintext_auth", False))
+        listeners.append(row)
     settings = {}
     for key, value in items("settings", dict).items():
         parse_setting(key, str(value))
@@ -129,8 +137,10 @@ def apply_policy(store: PolicyStore, wanted: dict[str, Any]) -> None:
         conn.executemany("INSERT INTO networks (cidr, comment, created_at) VALUES (?, ?, ?)",
                          [(n["cidr"], n.get("comment", ""), now) for n in wanted["networks"]])
         for entry in wanted["listeners"]:
-            row = PolicyStore.listener_row(entry["name"], entry["kind"], entry["address"])
-            conn.execute("INSERT INTO listeners (name, kind, host, port) VALUES (?, ?, ?, ?)",
-                         (row["name"], row["kind"], row["host"], row["port"]))
+            row = PolicyStore.listener_row(entry["name"], entry["kind"], entry["address"],
+                                           require_auth=entry.get("require_auth", False),
+                                           plaintext_auth=entry.get("plaintext_auth", False))
+            conn.execute("INSERT INTO listeners (name, kind, host, port, require_auth, plaintext_auth) "
+                         "VALUES (:name, :kind, :host, :port, :require_auth, :plaintext_auth)", row)
         conn.executemany("INSERT INTO settings (key, value) VALUES (?, ?)",
                          list(wanted["settings"].items()))

@@ -563,10 +563,14 @@ class GuardSMTP(SMTP):
 class Handler:
     """The hooks: build facts, ask the pipeline, render the reply."""
 
-    def __init__(self, engine: "Engine", listener: str, kind: str) -> None:
+    def __init__(self, engine: "Engine", listener: str, kind: str, spec=None) -> None:
         self.engine = engine
         self.listener = listener
         self.kind = kind
+        # Submission and SMTPS always want AUTH; an inbound listener only when the
+        # admin says so (then it offers AUTH too).
+        self.require_auth = kind != "inbound" or bool(getattr(spec, "require_auth", False))
+        self.plaintext_auth = bool(getattr(spec, "plaintext_auth", False))
 
     def _ctx(self, server: GuardSMTP, phase: Phase, subject: str = "", address: Path | None = None) -> Context:
         return Context(phase=phase, session=server.facts, transaction=server.tx,
@@ -773,9 +777,10 @@ class _Session(GuardSMTP):
             super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
                              enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
                              ident="mailbox_guard", timeout=settings["smtp.timeout"],
-                             tls_context=starttls, auth_required=handler.kind != "inbound",
-                             auth_require_tls=handler.kind != "smtps", loop=asyncio.get_running_loop())
-        if handler.kind == "inbound":
+                             tls_context=starttls, auth_required=handler.require_auth,
+                             auth_require_tls=handler.kind != "smtps" and not handler.plaintext_auth,
+                             loop=asyncio.get_running_loop())
+        if not handler.require_auth:
             self._auth_methods.clear()
         self.engine = engine
 

@@ -37,6 +37,8 @@ MIGRATIONS: dict[int, str] = {
     # per-domain anti-impersonation and legacy mechanisms.
     1: """
 ALTER TABLE domains ADD COLUMN anti_impersonation INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE listeners ADD COLUMN require_auth INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE listeners ADD COLUMN plaintext_auth INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE users (
     name          TEXT PRIMARY KEY COLLATE NOCASE, -- the login: the user's own address
     domain        TEXT NOT NULL,
@@ -548,22 +550,35 @@ class PolicyStore:
 
     # listeners
     @staticmethod
-    def listener_row(name: str, kind: str, address: str) -> dict:
+    def listener_row(name: str, kind: str, address: str, *, require_auth: bool = False,
+                     plaintext_auth: bool = False) -> dict:
         if kind not in ("inbound", "submission", "smtps"):
             raise SettingError(f"unknown listener kind {kind!r} (inbound, submission, smtps)")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
             raise SettingError(f"bad listener name {name!r} (letters, digits, - and _)")
         host, port = parse_hostport(address)
-        return {"name": name, "kind": kind, "host": host, "port": port}
+        if plaintext_auth:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = host == "localhost"
+            if not loopback:
+                raise SettingError("AUTH without TLS is allowed only on a loopback listener "
+                                   "(127.0.0.1, ::1)")
+        return {"name": name, "kind": kind, "host": host, "port": port,
+                "require_auth": bool(require_auth), "plaintext_auth": bool(plaintext_auth)}
 
-    def add_listener(self, name: str, kind: str, address: str) -> dict:
-        row = self.listener_row(name, kind, address)
-        host, port = row["host"], row["port"]
+    def add_listener(self, name: str, kind: str, address: str, *, require_auth: bool = False,
+                     plaintext_auth: bool = False) -> dict:
+        row = self.listener_row(name, kind, address, require_auth=require_auth,
+                                plaintext_auth=plaintext_auth)
         with self._tx() as conn:
-            conn.execute("INSERT INTO listeners (name, kind, host, port) VALUES (?, ?, ?, ?) "
+            conn.execute("INSERT INTO listeners (name, kind, host, port, require_auth, plaintext_auth) "
+                         "VALUES (:name, :kind, :host, :port, :require_auth, :plaintext_auth) "
                          "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, host=excluded.host, "
-                         "port=excluded.port", (name, kind, host, port))
-        return {"name": name, "kind": kind, "host": host, "port": port}
+                         "port=excluded.port, require_auth=excluded.require_auth, "
+                         "plaintext_auth=excluded.plaintext_auth", row)
+        return row
 
     def remove_listener(self, name: str) -> bool:
         with self._tx() as conn:
@@ -571,7 +586,9 @@ class PolicyStore:
 
     def listeners(self) -> list[dict]:
         with self._tx() as conn:
-            return [dict(r) for r in conn.execute("SELECT name, kind, host, port FROM listeners ORDER BY name")]
+            return [dict(r, require_auth=bool(r["require_auth"]), plaintext_auth=bool(r["plaintext_auth"]))
+                    for r in conn.execute("SELECT name, kind, host, port, require_auth, plaintext_auth "
+                                          "FROM listeners ORDER BY name")]
 
     # settings
     def set_setting(self, key: str, value: str) -> Any:

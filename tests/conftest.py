@@ -173,11 +173,14 @@ class Gateway:
         from mailbox_guard.store import PolicyStore, ensure_home
         return PolicyStore(ensure_home(self.home))
 
-    def start(self, *extra: str) -> "Gateway":
+    def start(self, *extra: str, listeners_from_store: bool = False) -> "Gateway":
+        """Start ``serve``; with ``listeners_from_store`` the listeners kept in the
+        store are used (``self.port`` must be one of them)."""
         self.policy()        # creates the home and store before the engine does
         self._log = open(self.log_path, "ab")
+        flags = [] if listeners_from_store else ["--inbound", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailbox_guard", "serve", "--inbound", f"127.0.0.1:{self.port}", *extra],
+            [sys.executable, "-m", "mailbox_guard", "serve", *flags, *extra],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for_banner(self.port, proc=self.proc)
         return self

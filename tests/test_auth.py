@@ -296,3 +296,33 @@ def test_digest_md5_is_off_until_a_domain_enables_it(sub, sink):
 def _features(gw) -> str:
     with submission(gw) as s:
         return s.esmtp_features.get("auth", "")
+
+
+def test_listener_that_accepts_only_authenticated_clients(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    gateway.cli("listeners", "add", "mx", "inbound", f"127.0.0.1:{gateway.port}", "--require-auth")
+    gateway.start(listeners_from_store=True)
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        assert s.docmd("MAIL", "FROM:<x@sender.test>")[0] == 530
+        s.starttls(context=insecure())
+        s.ehlo()
+        assert "PLAIN" in s.esmtp_features["auth"]
+        s.login("alice@example.test", PASSWORD)
+        assert s.docmd("MAIL", "FROM:<alice@example.test>")[0] == 250
+
+
+def test_plaintext_auth_only_on_a_loopback_listener_that_allows_it(gateway, sink):
+    out = gateway.cli("listeners", "add", "lan", "submission", "192.0.2.10:2587", "--plaintext-auth", check=False)
+    assert out.returncode == 1 and "loopback" in out.stderr
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    gateway.cli("listeners", "add", "local", "submission", f"127.0.0.1:{gateway.port}", "--plaintext-auth")
+    gateway.start(listeners_from_store=True)
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()
+        assert "PLAIN" in s.esmtp_features["auth"]            # before any TLS
+        s.login("alice@example.test", PASSWORD)
+        s.sendmail("alice@example.test", ["bob@example.test"], make_message(sender="alice@example.test"))
+    assert sink.wait_for(1)

@@ -177,3 +177,16 @@ def test_metrics_endpoint(gateway):
     assert 'mailbox_guard_check_results_total{check="rcpt_relay",symbol="RELAY_DENIED"} 1' in text
     assert 'mailbox_guard_messages_total{outcome="rejected"} 1' in text
     assert 'mailbox_guard_queue_messages{state="deferred"} 0' in text
+
+
+def test_bans_through_the_socket(running):
+    c = ControlClient(running.home)
+    running.policy()
+    conn = running.db()
+    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) "
+                 "VALUES ('ip', '192.0.2.7', strftime('%s','now') + 3600, 10, strftime('%s','now'))")
+    conn.commit()
+    conn.close()
+    assert [b["key"] for b in c.call("auth.bans")] == ["192.0.2.7"]
+    assert c.call("auth.unban", id="192.0.2.7") == {"unbanned": "192.0.2.7"}
+    assert c.call("auth.bans") == []

@@ -17,12 +17,17 @@ app = typer.Typer(help="SMTP listeners kept in the store (serve flags override t
 @app.command("add")
 def listeners_add(name: str = typer.Argument(..., help="A short name, e.g. mx."),
                   kind: str = typer.Argument(..., help="inbound or submission."),
-                  address: str = typer.Argument(..., help="HOST:PORT to listen on.")) -> None:
+                  address: str = typer.Argument(..., help="HOST:PORT to listen on."),
+                  require_auth: bool = typer.Option(False, "--require-auth",
+                                                    help="Accept only authenticated clients (offers AUTH)."),
+                  plaintext_auth: bool = typer.Option(False, "--plaintext-auth",
+                                                      help="Allow PLAIN/LOGIN before TLS (loopback only).")) -> None:
     """Add or change a listener (takes effect at the next start).
 
     Example: mailbox-guard listeners add submission submission 0.0.0.0:587
     """
-    row = guarded(lambda: store().add_listener(name, kind, address))
+    row = guarded(lambda: store().add_listener(name, kind, address, require_auth=require_auth,
+                                               plaintext_auth=plaintext_auth))
     typer.echo(f"listener {row['name']}: {row['kind']} on {row['host']}:{row['port']}")
 
 

@@ -278,6 +278,29 @@ class GuardSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return self._auth_success(account, "SCRAM-SHA-256")
 
+    async def auth_CRAM__MD5(self, _, args: list[str]) -> AuthResult:
+        """CRAM-MD5, for domains that switched it on (see cram_md5.py)."""
+        import hmac
+        from . import cram_md5
+        engine = self.event_handler.engine
+        if "CRAM-MD5" not in engine.policy.legacy_mechanisms:
+            return await self._auth_syntax("504 5.5.4 Unrecognized authentication type")
+        if len(args) > 1:
+            return await self._auth_syntax("501 5.5.2 CRAM-MD5 takes no initial response")
+        challenge = f"<{os.urandom(8).hex()}.{int(time.time())}@{self.hostname}>".encode()
+        answer = await self.challenge_auth(challenge)
+        if answer is MISSING:
+            return AuthResult(success=False, handled=True)
+        login, _, digest = answer.decode("utf-8", "replace").rpartition(" ")
+        refused = engine.auth.refused(self.facts.peer_ip, login)
+        account = None if refused or not login else await engine.auth.account(login)
+        secret = account.secrets.get("CRAM-MD5") if account is not None else None
+        good = secret is not None and hmac.compare_digest(cram_md5.expected(secret, challenge), digest.lower())
+        if not good:
+            return await self._auth_failure(login or "?", "CRAM-MD5", counted=not refused)
+        engine.auth.succeeded(self.facts.peer_ip)
+        return self._auth_success(account, "CRAM-MD5")
+
     async def auth_DIGEST__MD5(self, _, args: list[str]) -> AuthResult:
         """DIGEST-MD5, for domains that switched it on (see digest_md5.py)."""
         from . import digest_md5

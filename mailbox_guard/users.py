@@ -85,6 +85,9 @@ def mechanism_secrets(user: str, domain: str, password: str, legacy: set[str]) -
                                         "iterations": iterations})}
     if "DIGEST-MD5" in legacy:
         out["DIGEST-MD5"] = hashlib.md5(f"{user}:{domain}:{password}".encode()).hexdigest()
+    if "CRAM-MD5" in legacy:
+        from .cram_md5 import derive
+        out["CRAM-MD5"] = derive(password)
     return out
 
 
@@ -247,7 +250,7 @@ class UserStore:
 
 
 # ------------------------------------------------------------------ engine side
-LEGACY_MECHANISMS = frozenset({"DIGEST-MD5"})
+LEGACY_MECHANISMS = frozenset({"CRAM-MD5", "DIGEST-MD5"})
 
 
 @dataclass(frozen=True)

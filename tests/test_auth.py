@@ -267,30 +267,33 @@ def test_scram_sha_256(sub, sink):
     assert [r["mechanism"] for r in secrets] == ["SCRAM-SHA-256"] and PASSWORD not in secrets[0]["secret"]
 
 
-def test_digest_md5_is_off_until_a_domain_enables_it(sub, sink):
+@pytest.mark.parametrize("mechanism", ["DIGEST-MD5", "CRAM-MD5"])
+def test_legacy_mechanism_is_off_until_a_domain_enables_it(sub, sink, mechanism):
     with submission(sub) as s:
-        assert "DIGEST-MD5" not in s.esmtp_features["auth"]
-        assert s.docmd("AUTH", "DIGEST-MD5")[0] == 504
-    sub.cli("users", "mechanism", "example.test", "DIGEST-MD5", "on")
+        assert mechanism not in s.esmtp_features["auth"]
+        assert s.docmd("AUTH", mechanism)[0] == 504
+    sub.cli("users", "mechanism", "example.test", mechanism, "on")
     sub.cli("users", "passwd", "alice@example.test", "--password-stdin", input=PASSWORD + "\n")
-    assert sub.query("SELECT count(*) AS n FROM user_secrets WHERE mechanism = 'DIGEST-MD5'")[0]["n"] == 1
+    secret = sub.query("SELECT secret FROM user_secrets WHERE mechanism = ?", mechanism)
+    assert len(secret) == 1 and PASSWORD not in secret[0]["secret"]
     swaks = shutil.which("swaks")
-    sub.wait_until(lambda: "DIGEST-MD5" in _features(sub), timeout=5, what="mechanism on")
+    sub.wait_until(lambda: mechanism in _features(sub), timeout=5, what="mechanism on")
+    assert _features(sub).split()[0] == ("CRAM-MD5" if mechanism == "CRAM-MD5" else "LOGIN")
     for tls, port in (("--tls", sub.sub_port), ("--tls-on-connect", sub.smtps_port)):
-        out = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", tls, "--auth", "DIGEST-MD5",
+        out = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", tls, "--auth", mechanism,
                               "--auth-user", "alice@example.test", "--auth-password", PASSWORD,
                               "--from", "alice@example.test", "--to", "bob@example.test",
                               "--header", "From: alice@example.test"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "235 2.7.0" in out.stdout, out.stdout[-1500:]
-    out = subprocess.run([swaks, "--server", f"127.0.0.1:{sub.sub_port}", "--tls", "--auth", "DIGEST-MD5",
+    out = subprocess.run([swaks, "--server", f"127.0.0.1:{sub.sub_port}", "--tls", "--auth", mechanism,
                           "--auth-user", "alice@example.test", "--auth-password", "wrong-Password-1",
                           "--from", "alice@example.test", "--to", "bob@example.test"],
                          capture_output=True, text=True, timeout=60)
     assert "535 5.7.8" in out.stdout
     # Switched off again: the derived secrets are gone.
-    sub.cli("users", "mechanism", "example.test", "DIGEST-MD5", "off")
-    assert sub.query("SELECT count(*) AS n FROM user_secrets WHERE mechanism = 'DIGEST-MD5'")[0]["n"] == 0
+    sub.cli("users", "mechanism", "example.test", mechanism, "off")
+    assert sub.query("SELECT count(*) AS n FROM user_secrets WHERE mechanism = ?", mechanism)[0]["n"] == 0
 
 
 def _features(gw) -> str:
@@ -326,3 +329,16 @@ def test_plaintext_auth_only_on_a_loopback_listener_that_allows_it(gateway, sink
         s.login("alice@example.test", PASSWORD)
         s.sendmail("alice@example.test", ["bob@example.test"], make_message(sender="alice@example.test"))
     assert sink.wait_for(1)
+
+
+def test_cram_md5_secret_matches_hmac():
+    """The derived secret answers exactly what HMAC-MD5 with the password would."""
+    import hashlib
+    import hmac
+    import os
+    from mailbox_guard import cram_md5
+    for n in range(50):
+        password = os.urandom(n + 1).hex()[: n * 3 + 1]
+        challenge = os.urandom(n * 4)
+        assert cram_md5.expected(cram_md5.derive(password), challenge) == \
+            hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()

@@ -119,6 +119,7 @@ def status(as_json: bool = JSON) -> None:
         for lst in info["listeners"]:
             typer.echo(f"  {lst['name']:<12} {lst['kind']:<11} {lst['host']}:{lst['port']}")
         typer.echo(f"  connections now: {info['connections']}")
+        typer.echo(f"  GSSAPI: {info['gssapi']['reason']}")
     else:
         typer.echo(f"engine not running (home {state.home})")
     if not as_json:

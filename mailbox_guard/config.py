@@ -163,6 +163,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "Window in which AUTH failures are counted."),
     Setting("auth.ban_time", "1h", _float_range(1, 365 * 86400),
             "How long a ban lasts; `mailbox-guard auth unban` ends it early."),
+    Setting("auth.gssapi_principal", "", lambda t: str(t).strip(),
+            "Kerberos service principal for GSSAPI, e.g. smtp/mail.example.org@EXAMPLE.ORG."),
     Setting("queue.retry_schedule", "1m,5m,15m,1h,4h", parse_schedule,
             "Delays between delivery attempts; the last one repeats."),
     Setting("queue.max_lifetime", "5d", _float_range(1, 60 * 86400),

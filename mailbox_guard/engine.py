@@ -93,6 +93,7 @@ class Engine:
         self.pipeline = Pipeline(default_checks())
         self.dns: DnsCache | None = None
         self.tls: TlsManager | None = None
+        self.gssapi = None
         self.writer: Writer | None = None
         self.readers: Readers | None = None
         self.delivery: Delivery | None = None
@@ -135,6 +136,9 @@ class Engine:
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
         self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
+        from .gssapi_auth import availability
+        self.gssapi = await asyncio.to_thread(availability, self.home, settings["auth.gssapi_principal"])
+        log.info("GSSAPI: %s", self.gssapi.reason)
         self.tls = TlsManager(self.home, settings["smtp.hostname"])
         try:
             self.tls.ensure_default()
@@ -225,6 +229,10 @@ class Engine:
         await self.auth.load_bans()
         if policy.settings["store.busy_timeout"] != old.settings["store.busy_timeout"] and self.writer:
             self.writer.set_busy_timeout(policy.settings["store.busy_timeout"])
+        if policy.settings["auth.gssapi_principal"] != old.settings["auth.gssapi_principal"]:
+            from .gssapi_auth import availability
+            self.gssapi = await asyncio.to_thread(availability, self.home, policy.settings["auth.gssapi_principal"])
+            log.info("GSSAPI: %s", self.gssapi.reason)
         if (policy.settings["dns.nameservers"] != old.settings["dns.nameservers"]
                 or policy.settings["dns.timeout"] != old.settings["dns.timeout"]):
             self.dns = DnsCache(list(policy.settings["dns.nameservers"]) or None,
@@ -339,7 +347,9 @@ class Engine:
                 "store": {"commits": self.writer.commits if self.writer else 0,
                           "failures": self.writer.failures if self.writer else 0},
                 "dns": self.dns.stats() if self.dns else {},
-                "subscribers": self.events.subscribers}
+                "subscribers": self.events.subscribers,
+                "gssapi": {"offered": bool(self.gssapi and self.gssapi.available),
+                           "reason": self.gssapi.reason if self.gssapi else "not checked"}}
 
     # ------------------------------------------------------------------ stop
     def request_stop(self) -> None:

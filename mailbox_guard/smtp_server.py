@@ -278,6 +278,58 @@ class GuardSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return self._auth_success(account, "SCRAM-SHA-256")
 
+    async def auth_GSSAPI(self, _, args: list[str]) -> AuthResult:
+        """GSSAPI (RFC 4752): a Kerberos ticket; no security layer is offered (the
+        connection is TLS already)."""
+        from .gssapi_auth import acceptor_credentials, user_for
+        engine = self.event_handler.engine
+        if not (engine.gssapi and engine.gssapi.available):
+            return await self._auth_syntax("504 5.5.4 Unrecognized authentication type")
+        import gssapi
+        if len(args) == 1:
+            token = await self.challenge_auth("")
+            if token is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                token = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                return await self._auth_syntax("501 5.5.2 Cannot decode base64")
+        principal = "?"
+        try:
+            creds = await asyncio.to_thread(acceptor_credentials, engine.home, engine.gssapi.principal)
+            ctx = gssapi.SecurityContext(creds=creds, usage="accept")
+            for _round in range(10):
+                out = await asyncio.to_thread(ctx.step, token)
+                if ctx.complete:
+                    break
+                token = await self.challenge_auth(out or b"")
+                if token is MISSING:
+                    return AuthResult(success=False, handled=True)
+            else:
+                raise ValueError("too many GSSAPI rounds")
+            if out and await self.challenge_auth(out) is MISSING:    # mutual authentication
+                return AuthResult(success=False, handled=True)
+            principal = str(ctx.initiator_name)
+            # Security layer: none (bit 1), no maximum size.
+            reply = await self.challenge_auth(ctx.wrap(b"\x01\x00\x00\x00", False).message)
+            if reply is MISSING:
+                return AuthResult(success=False, handled=True)
+            answer = ctx.unwrap(reply).message
+            if len(answer) < 4 or not answer[0] & 1:
+                raise ValueError("client asked for a security layer")
+            authzid = answer[4:].decode("utf-8", "replace")
+        except (gssapi.exceptions.GSSError, ValueError) as exc:
+            log.info("conn=%s GSSAPI failed: %s", self.facts.connection_id, _printable(str(exc), 200))
+            return await self._auth_failure(principal, "GSSAPI")
+        login = user_for(principal)
+        refused = engine.auth.refused(self.facts.peer_ip, login)
+        account = None if refused or not login else await engine.auth.account(login)
+        if account is None or (authzid and authzid.lower() != account.name.lower()):
+            return await self._auth_failure(principal, "GSSAPI", counted=not refused)
+        engine.auth.succeeded(self.facts.peer_ip)
+        return self._auth_success(account, "GSSAPI")
+
     async def auth_CRAM__MD5(self, _, args: list[str]) -> AuthResult:
         """CRAM-MD5, for domains that switched it on (see cram_md5.py)."""
         import hmac
@@ -611,8 +663,10 @@ class Handler:
             return [reply]
         # AUTH in the documented order, legacy mechanisms only where a domain enabled
         # them; no AUTH line at all without mechanisms (the inbound listener).
+        gss = self.engine.gssapi
         offered = [m for m in AUTH_ORDER if m in server._auth_methods
-                   and (m not in LEGACY_MECHANISMS or m in self.engine.policy.legacy_mechanisms)]
+                   and (m not in LEGACY_MECHANISMS or m in self.engine.policy.legacy_mechanisms)
+                   and (m != "GSSAPI" or (gss is not None and gss.available))]
         out = [r for r in responses if r[4:] != "HELP" and not r[4:].startswith("AUTH")]
         if any(r[4:].startswith("AUTH") for r in responses) and offered:
             out.append("250-AUTH " + " ".join(offered))

@@ -63,6 +63,7 @@ TABLE = [
     ("users remove", ["u1@example.test"], False, 0),
     ("auth bans", [], True, 0),
     ("auth unban", ["192.0.2.99"], False, 1),
+    ("auth gssapi", ["--keytab", "/nonexistent.keytab", "--principal", "smtp/gw.test"], False, 1),
     ("tls install", ["--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], False, 1),
 ]
 ELSEWHERE = {"serve": "tests/test_lifecycle.py", "tui": "tests/test_tui.py"}

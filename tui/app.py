@@ -1,6 +1,6 @@
 """``mailbox-guard tui``: the dashboard app.
 
-One mode per view (dashboard, connections, queue, quarantine, events), each with its
+One mode per view (dashboard, connections, queue, quarantine, events, bans), each with its
 own screen stack (the message detail is pushed over its list). One worker, the
 :class:`~tui.feed.LiveFeed`, follows the engine; the app keeps the latest state and
 the events seen, and hands them to the screens on view. Keys are BINDINGS; ``?``
@@ -19,8 +19,8 @@ from textual.binding import Binding
 
 from .feed import LiveFeed, LiveState
 from .messages import FeedUpdate, LiveChanged, MessagesChanged
-from .screens import (ConnectionsScreen, DashboardScreen, EventsScreen, HelpScreen, MessageDetailScreen,
-                      QuarantineScreen, QueueScreen)
+from .screens import (BansScreen, ConnectionsScreen, DashboardScreen, EventsScreen, HelpScreen,
+                      MessageDetailScreen, QuarantineScreen, QueueScreen)
 from .screens.base import LiveScreen
 from .source import EngineSource, Source
 
@@ -37,6 +37,7 @@ class MailboxGuardApp(App):
         "queue": QueueScreen,
         "quarantine": QuarantineScreen,
         "events": EventsScreen,
+        "bans": BansScreen,
     }
     DEFAULT_MODE = "dashboard"
 
@@ -46,6 +47,7 @@ class MailboxGuardApp(App):
         Binding("q", "switch_mode('queue')", "Queue", show=False),
         Binding("u", "switch_mode('quarantine')", "Quarantine", show=False),
         Binding("e", "switch_mode('events')", "Events", show=False),
+        Binding("b", "switch_mode('bans')", "Bans", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("r", "reconnect", "Retry engine"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -102,11 +104,13 @@ class MailboxGuardApp(App):
             return
         sections = [("Everywhere", list(self.BINDINGS))]
         for title, cls in (("Connections", ConnectionsScreen), ("Queue and quarantine", QueueScreen),
-                           ("Message detail", MessageDetailScreen), ("Events", EventsScreen)):
+                           ("Message detail", MessageDetailScreen), ("Events", EventsScreen),
+                           ("Bans", BansScreen)):
             sections.append((title, list(cls.BINDINGS)))
-        intro = ("Keyboard only. Views: d dashboard, c connections, q queue, u quarantine, e events. "
-                 "Lists: arrows/pgup/pgdn move, enter opens. Kill and delete ask first. When the engine "
-                 "is not running the queue is read from the store; r tries the engine again.")
+        intro = ("Keyboard only. Views: d dashboard, c connections, q queue, u quarantine, e events, "
+                 "b bans. Lists: arrows/pgup/pgdn move, enter opens. Kill, delete and unban ask first. "
+                 "When the engine is not running the queue and the bans are read from the store; r tries "
+                 "the engine again.")
         self.push_screen(HelpScreen(sections, intro))
 
 

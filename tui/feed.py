@@ -1,11 +1,11 @@
 """The live feed: the one worker that follows the engine.
 
 While the engine answers, it keeps an event subscription open and polls ``status``,
-``connections`` and ``stats`` every second (and soon after any connection, message or
-delivery event, so a new connection shows at once), and posts the result as a
-coalescing :class:`~tui.messages.FeedUpdate`. When the engine does not answer it
-reads the queue counts from the store, says why, and tries again every few seconds
-or when asked (``retry_now``).
+``connections``, ``stats`` and ``auth.bans`` every second (and soon after any
+connection, message or delivery event, so a new connection shows at once), and posts
+the result as a coalescing :class:`~tui.messages.FeedUpdate`. When the engine does not
+answer it reads the queue counts and the bans in force from the store, says why, and
+tries again every few seconds or when asked (``retry_now``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class LiveState:
     stats: dict | None = None
     queue: dict[str, int] | None = None   # counts by state (engine or store)
     store_note: str = ""              # why the store could not be read, if so
+    bans: list[dict] | None = None    # brute-force bans in force (engine or store); None: unknown
+    bans_note: str = ""               # why the bans could not be read, if so
     checked_at: float = 0.0
     next_retry: float | None = None
 
@@ -86,9 +88,11 @@ class LiveFeed:
         events = asyncio.create_task(self._subscribe())
         try:
             while True:
-                connections, stats = await asyncio.gather(self.source.connections(), self.source.stats())
+                connections, stats, (bans, bans_note) = await asyncio.gather(
+                    self.source.connections(), self.source.stats(), self._engine_bans())
                 self.state = LiveState(running=True, status=status, connections=connections, stats=stats,
-                                       queue=status.get("queue"), checked_at=self.clock())
+                                       queue=status.get("queue"), bans=bans, bans_note=bans_note,
+                                       checked_at=self.clock())
                 self._publish()
                 await asyncio.sleep(self.min_gap)
                 self._wake.clear()
@@ -102,6 +106,14 @@ class LiveFeed:
             events.cancel()
             with contextlib.suppress(BaseException):
                 await events
+
+    async def _engine_bans(self) -> tuple[list[dict] | None, str]:
+        # A refusal of this one request (an engine without ``auth.bans``) costs the
+        # bans view only, not the whole dashboard; a lost engine still ends _follow.
+        try:
+            return list(await self.source.bans()), ""
+        except ControlCallError as exc:
+            return None, exc.message
 
     async def _wait(self, events: asyncio.Task) -> None:
         waker = asyncio.create_task(self._wake.wait())
@@ -125,7 +137,13 @@ class LiveFeed:
         except StoreUnavailable as exc:
             note = str(exc)
         now = self.clock()
+        bans, bans_note = None, ""
+        try:
+            bans = await self.source.store_bans(now)
+        except StoreUnavailable as exc:
+            bans_note = str(exc)
         self.state = LiveState(running=False, reason=reason, queue=counts, store_note=note,
+                               bans=bans, bans_note=bans_note,
                                checked_at=now, next_retry=now + self.retry_interval)
         self._publish()
         self._wake.clear()

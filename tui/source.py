@@ -3,8 +3,9 @@
 :class:`Source` is the interface the feed and the screens use; :class:`EngineSource`
 implements it with the engine's control socket (:mod:`mailbox_guard.control_client`)
 and, when the engine is down, a read-only connection to the store opened in a worker
-thread (sqlite calls block; they never run on the event loop). Tests substitute a
-frozen source to take deterministic snapshots.
+thread (sqlite calls block; they never run on the event loop): the queue, and the
+brute-force bans in force (``auth_bans``). Tests substitute a frozen source to take
+deterministic snapshots.
 
 Every failure to reach the engine surfaces as :class:`EngineNotRunning`, whatever
 the cause (no socket, refused, no permission, no answer in time), so callers have
@@ -27,6 +28,7 @@ __all__ = ["Source", "EngineSource", "MessagePage", "MessageKind", "StoreUnavail
            "ControlCallError", "KINDS"]
 
 CALL_TIMEOUT = 5.0
+BAN_FIELDS = ("kind", "key", "until", "failures", "created_at")     # as ``auth.bans`` answers
 
 
 class StoreUnavailable(Exception):
@@ -98,6 +100,15 @@ class Source:
 
     async def store_counts(self) -> dict[str, int]:
         """Queue counts by state straight from the store (engine down)."""
+        raise NotImplementedError
+
+    async def bans(self) -> list[dict]:
+        """The brute-force bans in force, from the engine (``auth.bans``): dicts with
+        kind ('ip' or 'user'), key, until, failures, created_at."""
+        raise NotImplementedError
+
+    async def store_bans(self, now: float) -> list[dict]:
+        """The same, straight from the store (engine down): rows with ``until > now``."""
         raise NotImplementedError
 
     async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",
@@ -189,6 +200,16 @@ class EngineSource(Source):
 
     async def store_counts(self) -> dict[str, int]:
         return await self.read_store(q.counts_by_state)
+
+    # ------------------------------------------------------------ bans
+    async def bans(self) -> list[dict]:
+        return await self.call("auth.bans")
+
+    async def store_bans(self, now: float) -> list[dict]:
+        def read(c: sqlite3.Connection) -> list[dict]:
+            return [dict(zip(BAN_FIELDS, r)) for r in c.execute(
+                f"SELECT {', '.join(BAN_FIELDS)} FROM auth_bans WHERE until > ? ORDER BY until DESC", (now,))]
+        return await self.read_store(read)
 
     # ------------------------------------------------------------ messages
     async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",

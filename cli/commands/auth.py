@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import typer
 
-from cli.common import JSON, emit, fail, guarded, store
+from cli.common import JSON, emit, fail, guarded, state, store
 from mailbox_guard.users import UserStore
 
 app = typer.Typer(help="Authentication bans after repeated failures.\n\n"
@@ -36,3 +37,23 @@ def auth_unban(key: str = typer.Argument(..., help="The client address or user f
     if not guarded(lambda: UserStore(store()).unban(key)):
         fail(f"no ban for {key}")
     typer.echo(f"unbanned {key}")
+
+
+@app.command("gssapi")
+def auth_gssapi(keytab: Path = typer.Option(..., "--keytab", metavar="FILE", help="Keytab with the service key."),
+                principal: str = typer.Option(..., "--principal", metavar="NAME",
+                                              help="Service principal, e.g. smtp/mail.example.org@EXAMPLE.ORG.")) -> None:
+    """Install a keytab for GSSAPI (Kerberos) authentication; offered once it loads.
+
+    Example: mailbox-guard auth gssapi --keytab /etc/krb5.keytab --principal smtp/mail.example.org
+    """
+    from mailbox_guard.gssapi_auth import install_keytab
+    if not principal.strip() or any(c.isspace() for c in principal):
+        fail(f"not a principal: {principal!r}")
+    st = store()
+    try:
+        install_keytab(state.home, keytab)
+    except OSError as exc:
+        fail(f"cannot install {keytab}: {exc.strerror}")
+    guarded(lambda: st.set_setting("auth.gssapi_principal", principal))
+    typer.echo(f"GSSAPI keytab installed for {principal}; `mailbox-guard status` tells whether it is offered")

@@ -1,6 +1,7 @@
 """One screen per view: dashboard, connections, queue (and message detail),
-quarantine, events, help, and the confirmation modal."""
+quarantine, events, bans, help, and the confirmation modal."""
 
+from .bans import BansScreen
 from .confirm import ConfirmScreen
 from .connections import ConnectionsScreen
 from .dashboard import DashboardScreen
@@ -10,5 +11,5 @@ from .messages import MessageDetailScreen, MessageListScreen
 from .quarantine import QuarantineScreen
 from .queue import QueueScreen
 
-__all__ = ["ConfirmScreen", "ConnectionsScreen", "DashboardScreen", "EventsScreen", "HelpScreen",
+__all__ = ["BansScreen", "ConfirmScreen", "ConnectionsScreen", "DashboardScreen", "EventsScreen", "HelpScreen",
            "MessageDetailScreen", "MessageListScreen", "QuarantineScreen", "QueueScreen"]

@@ -107,3 +107,30 @@ class MessageTable(KeyedTable):
         return [Text(str(row.get("id"))), Text(state, style=STATE_STYLES.get(state, "")),
                 plain(row.get("mail_from") if row.get("mail_from") != "" else "<>", 120),
                 plain(row.get("recipients"), 200), Text(age, justify="right")]
+
+
+KIND_STYLES = {"ip": "cyan", "user": "magenta"}
+
+
+def ban_row_key(row: dict) -> str:
+    """A ban is one (kind, key): an address and a login may read the same."""
+    return f"{row.get('kind')}:{row.get('key')}"
+
+
+class BanTable(KeyedTable):
+    """Brute-force bans in force: kind, key (an address or a login), failures, and the
+    time left by the app's clock (recomputed at every refresh)."""
+
+    COLUMNS = (("kind", "Kind", 4), ("key", "Banned address or user", 40), ("failures", "Failures", 8),
+               ("left", "Time left", 9))
+
+    def __init__(self, clock, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock = clock
+
+    def cells(self, row: dict) -> Cells:
+        kind = str(row.get("kind") or "-")
+        left = (row.get("until") or 0) - self.clock()
+        return [Text(kind, style=KIND_STYLES.get(kind, "")), plain(row.get("key"), 120),
+                Text(str(row.get("failures") if row.get("failures") is not None else "-"), justify="right"),
+                Text(duration(left) if left > 0 else "expired", justify="right")]

@@ -1,4 +1,5 @@
-"""The top line: the views and their keys, the current one highlighted."""
+"""The top line: the views and their keys, the current one highlighted; the name of
+the program first when the line has room for it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 VIEWS = (("d", "dashboard", "Dashboard"), ("c", "connections", "Connections"), ("q", "queue", "Queue"),
-         ("u", "quarantine", "Quarantine"), ("e", "events", "Events"))
+         ("u", "quarantine", "Quarantine"), ("e", "events", "Events"), ("b", "bans", "Bans"))
 
 
 class ViewBar(Static):
@@ -26,10 +27,13 @@ class ViewBar(Static):
         self.current = current
 
     def render(self) -> Text:
-        text = Text(" mailbox-guard", style="bold")
+        views = Text()
         for key, name, label in VIEWS:
             current = name == self.current
-            text.append(" ")
-            text.append(f" {key} ", style="bold reverse" if current else "bold")
-            text.append(f"{label} ", style="reverse" if current else "")
-        return text
+            views.append(" ")
+            views.append(f" {key} ", style="bold reverse" if current else "bold")
+            views.append(f"{label} ", style="reverse" if current else "")
+        brand = Text(" mailbox-guard", style="bold")
+        if brand.cell_len + views.cell_len <= self.size.width:
+            return brand + views
+        return views

@@ -342,3 +342,17 @@ def test_cram_md5_secret_matches_hmac():
         challenge = os.urandom(n * 4)
         assert cram_md5.expected(cram_md5.derive(password), challenge) == \
             hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+
+
+def test_old_hash_parameters_are_upgraded_at_login(sub):
+    from argon2 import PasswordHasher
+    weak = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(PASSWORD)
+    conn = sub.db()
+    conn.execute("UPDATE users SET password_hash = ? WHERE name = 'alice@example.test'", (weak,))
+    conn.commit()
+    conn.close()
+    with login(sub):
+        pass
+    sub.wait_until(lambda: sub.query("SELECT password_hash FROM users WHERE name = 'alice@example.test'")[0]
+                   ["password_hash"].startswith("$argon2id$v=19$m=19456,t=2,p=1$"), what="rehash")
+    assert "password hash of alice@example.test upgraded" in sub.log()

@@ -140,6 +140,10 @@ def test_pyz_serves_relays_reports_status_and_stops_cleanly(pyz, bare_python, si
         assert {(lst["kind"], lst["port"]) for lst in info["listeners"]} == {
             ("inbound", inbound), ("submission", submission)}
         assert "queue" in info
+        # The single file carries no gssapi package: GSSAPI is not offered, and the
+        # engine says why instead of failing.
+        assert info["gssapi"]["offered"] is False
+        assert "gssapi package is not installed" in info["gssapi"]["reason"]
 
         help_text = cli("tui", "--help").stdout
         assert "Usage" in help_text and "tui" in help_text

@@ -2,8 +2,10 @@
 
 Against a real engine (the ``gateway`` fixture): a connection opened by a test client
 shows in the connections screen and goes when it closes; a queued message is found,
-inspected (verdict trace) and deleted after a confirmation; with the engine stopped
-the app says so, still lists the queue from the store, and reconnects on ``r``.
+inspected (verdict trace) and deleted after a confirmation; a brute-force ban written
+to the store shows in the bans screen and is lifted after a confirmation; with the
+engine stopped the app says so, still lists the queue and the bans from the store,
+refuses actions, and reconnects on ``r``.
 
 Snapshots of every screen at 80x24 use a frozen source (no clocks, ports or pids) and
 are compared as text with ``tests/__snapshots__/test_tui/*.txt``. To accept a change
@@ -27,9 +29,9 @@ from textual.worker import WorkerCancelled
 from tests.conftest import make_message
 from tui.app import MailboxGuardApp
 from tui.feed import LiveState
-from tui.screens import ConfirmScreen, ConnectionsScreen, HelpScreen, MessageDetailScreen, QueueScreen
-from tui.source import KINDS, EngineNotRunning, MessagePage, Source
-from tui.widgets import ConnectionTable, EngineBanner, MessageTable, VerdictTrace
+from tui.screens import BansScreen, ConfirmScreen, ConnectionsScreen, HelpScreen, MessageDetailScreen, QueueScreen
+from tui.source import KINDS, ControlCallError, EngineNotRunning, MessagePage, Source
+from tui.widgets import BanTable, ConnectionTable, EngineBanner, MessageTable, VerdictTrace
 from tui.widgets.banner import NOT_RUNNING
 
 SIZE = (80, 24)
@@ -167,6 +169,52 @@ def test_queued_message_found_inspected_and_deleted_with_confirmation(gateway):
     asyncio.run(scenario())
 
 
+def insert_ban(gateway, kind: str, key: str, until: float, failures: int = 10) -> None:
+    conn = gateway.db()
+    try:
+        conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES (?, ?, ?, ?, ?)",
+                     (kind, key, until, failures, time.time()))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_ban_shows_within_2s_and_is_lifted_with_confirmation(gateway):
+    gateway.start()
+
+    async def scenario():
+        app = MailboxGuardApp(gateway.home)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.live.running is True, 10, "the engine")
+            await pilot.press("b")
+            assert isinstance(app.screen, BansScreen)
+            table = app.screen.query_one(BanTable)
+            await settle(pilot)
+            assert table_keys(table) == [] and "No bans in force" in screen_text(app)
+            await asyncio.to_thread(insert_ban, gateway, "ip", "192.0.2.7", time.time() + 3600)
+            took = await until(pilot, lambda: table_keys(table) == ["ip:192.0.2.7"], 2.0, "the ban listed")
+            assert took <= 2.0
+            await settle(pilot)
+            text = screen_text(app)
+            assert "192.0.2.7" in text and " 10 " in text and ("59m" in text or "1h00m" in text), text
+            # No: nothing happens.
+            await pilot.press("x")
+            assert isinstance(app.screen, ConfirmScreen)
+            assert "192.0.2.7" in screen_text(app)
+            await pilot.press("n")
+            await settle(pilot)
+            assert isinstance(app.screen, BansScreen)
+            assert len(gateway.query("SELECT * FROM auth_bans")) == 1
+            # Yes (with the other key): lifted in the store, and gone from the list.
+            await pilot.press("delete")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await until(pilot, lambda: table_keys(table) == [], 5, "the lifted ban to leave the list")
+        assert gateway.query("SELECT * FROM auth_bans") == []
+
+    asyncio.run(scenario())
+
+
 def test_engine_not_running_shows_it_lists_the_store_and_retries(gateway):
     gateway.policy().add_domain("example.test", "127.0.0.1:9")
     gateway.configure(queue__retry_schedule="1h")
@@ -176,6 +224,8 @@ def test_engine_not_running_shows_it_lists_the_store_and_retries(gateway):
                        what="the message deferred")
     queue_id = gateway.query("SELECT id FROM messages")[0]["id"]
     gateway.stop()
+    insert_ban(gateway, "user", "mallory@example.test", time.time() + 3600, failures=7)
+    insert_ban(gateway, "ip", "192.0.2.99", time.time() - 60)         # ran out: not shown
 
     async def scenario():
         app = MailboxGuardApp(gateway.home, retry_interval=0.5)
@@ -199,6 +249,19 @@ def test_engine_not_running_shows_it_lists_the_store_and_retries(gateway):
             await settle(pilot)
             assert gateway.query("SELECT id FROM messages WHERE id = ?", queue_id)
             await pilot.press("escape")
+            # The bans in force are read from the store too; unban refuses at once.
+            await pilot.press("b")
+            table = app.screen.query_one(BanTable)
+            await until(pilot, lambda: table_keys(table) == ["user:mallory@example.test"], 5,
+                        "the bans from the store")
+            await settle(pilot)
+            text = screen_text(app)
+            assert "mallory@example.test" in text and "192.0.2.99" not in text and "from the store" in text, text
+            await pilot.press("x")
+            await settle(pilot)
+            assert isinstance(app.screen, BansScreen)
+            assert any("unban needs it" in n.message for n in app._notifications)
+            assert len(gateway.query("SELECT * FROM auth_bans")) == 2
             # The engine comes back; r reconnects at once.
             await asyncio.to_thread(gateway.start)
             await pilot.press("r")
@@ -240,6 +303,15 @@ class FrozenSource(Source):
             {"id": "1BA5E0EC000000000F9", "state": "incoming", "mail_from": "[red]not-markup[/]@evil.test",
              "message_id": "<x@evil.test>", "size": 120000, "received_at": FROZEN - 3,
              "next_attempt": FROZEN - 3, "attempts": 0, "last_error": None, "recipients": "carol@example.test"},
+        ]
+        self.ban_rows = [
+            {"kind": "ip", "key": "192.0.2.7", "until": FROZEN + 3541, "failures": 10, "created_at": FROZEN - 59},
+            {"kind": "user", "key": "[red]root[/]@example.test", "until": FROZEN + 125, "failures": 5,
+             "created_at": FROZEN - 3475},
+            {"kind": "ip", "key": "2001:db8::bad", "until": FROZEN + 93784, "failures": 20,
+             "created_at": FROZEN - 816},
+            {"kind": "user", "key": "gone@example.test", "until": FROZEN - 1, "failures": 5,
+             "created_at": FROZEN - 3601},                       # ran out: never listed
         ]
 
     def _engine(self) -> None:
@@ -309,10 +381,25 @@ class FrozenSource(Source):
         self.actions.append((method, params))
         if method == "queue.delete":
             self.rows = [r for r in self.rows if r["id"] != params["id"]]
+        if method == "auth.unban":
+            if not any(r["key"] == params["id"] for r in self.ban_rows):
+                raise ControlCallError("not_found", f"no ban for {params['id']}")
+            self.ban_rows = [r for r in self.ban_rows if r["key"] != params["id"]]
+            return {"unbanned": params["id"]}
         return {"ok": True}
 
     async def store_counts(self) -> dict[str, int]:
         return self.counts()
+
+    def _in_force(self, now: float) -> list[dict]:
+        return sorted((dict(r) for r in self.ban_rows if r["until"] > now), key=lambda r: -r["until"])
+
+    async def bans(self) -> list[dict]:
+        self._engine()
+        return self._in_force(FROZEN)
+
+    async def store_bans(self, now: float) -> list[dict]:
+        return self._in_force(now)
 
     async def list_messages(self, kind: str, *, states=None, search: str = "", limit: int = 500) -> MessagePage:
         if kind != "queue":
@@ -395,6 +482,9 @@ SNAPSHOT_CASES = {
     "quarantine": ("u",),
     "events": ("e",),
     "help": ("question_mark",),
+    "bans": ("b",),
+    "bans_engine_down": ("b",),
+    "bans_unban_confirm": ("b", "down", "x"),
 }
 
 
@@ -457,6 +547,48 @@ def test_queue_keys_retry_hold_release_and_help(utc):
             await pilot.press("q")
             await settle(pilot)
             assert "[red]not-markup[/" in screen_text(app)
+
+    asyncio.run(scenario())
+
+
+def test_unban_asks_first_only_yes_unbans_and_needs_the_engine(utc):
+    async def scenario():
+        source = FrozenSource()
+        app = MailboxGuardApp(source.home, source=source, clock=frozen_clock, interval=3600, retry_interval=3600)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.live.running is True, 5, "the frozen feed")
+            await pilot.press("b")
+            await settle(pilot)
+            table = app.screen.query_one(BanTable)
+            assert table_keys(table) == ["ip:2001:db8::bad", "ip:192.0.2.7", "user:[red]root[/]@example.test"]
+            await pilot.press("x")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("escape")
+            await pilot.press("down", "down", "delete", "enter")   # enter is on Cancel
+            await settle(pilot)
+            assert source.actions == []
+            await pilot.press("x", "y")
+            await settle(pilot)
+            assert source.actions == [("auth.unban", {"id": "[red]root[/]@example.test"})]   # the one moved to
+            await until(pilot, lambda: len(table_keys(table)) == 2, 5, "the lifted ban to leave the list")
+            assert "[red]root[/]@example.test unbanned." in [n.message for n in app._notifications]
+            # Lifted meanwhile (by the CLI): said plainly.
+            table.move_cursor(row=table_keys(table).index("ip:192.0.2.7"), animate=False)
+            source.ban_rows = [r for r in source.ban_rows if r["key"] != "192.0.2.7"]
+            await pilot.press("x", "y")
+            await settle(pilot)
+            assert any("No ban for 192.0.2.7 any more" in n.message for n in app._notifications)
+            # With the engine down, unban refuses at once, without asking.
+            source.running = False
+            app.feed.retry_now()
+            await until(pilot, lambda: app.live.running is False, 5, "the engine down")
+            await settle(pilot)
+            assert table_keys(table) == ["ip:2001:db8::bad"]
+            before = len(source.actions)
+            await pilot.press("x")
+            await settle(pilot)
+            assert isinstance(app.screen, BansScreen) and len(source.actions) == before
+            assert any("unban needs it" in n.message for n in app._notifications)
 
     asyncio.run(scenario())
 

@@ -85,7 +85,7 @@ class BansScreen(LiveScreen):
             text.append(f"{row.get('kind')} ", style="dim")
             text.append_text(plain(row.get("key"), 120, style="bold"))
             text.append(f"  banned {clock_time(row.get('created_at'), now)} after {row.get('failures')} "
-                        "failed AUTH\n")
+                        "AUTH failures\n")
             text.append("until ", style="dim")
             text.append(f"{clock_time(row.get('until'), now)} ({relative(row.get('until'), now)})")
             text.append("  · x unbans it now", style="dim")

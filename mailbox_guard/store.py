@@ -30,77 +30,44 @@ log = logging.getLogger("mailbox_guard.store")
 
 DB_NAME = "mailbox-guard.db"
 
-# Numbered migrations from an older user_version to the next one. schema.sql always
-# describes the newest version; a fresh store is created from it directly.
-MIGRATIONS: dict[int, str] = {
+# Numbered migrations from an older user_version to the next one: statements of
+# their own (ALTER TABLE ...) plus the tables that version added, whose CREATE TABLE,
+# indexes and triggers are taken from schema.sql itself, which stays the one source.
+@dataclass(frozen=True)
+class Migration:
+    statements: tuple[str, ...] = ()
+    new_tables: tuple[str, ...] = ()
+
+    def script(self, schema: str) -> list[str]:
+        out = list(self.statements)
+        for statement in _statements(schema):
+            # Leading comment lines belong to no statement.
+            words = "\n".join(line for line in statement.splitlines()
+                              if not line.lstrip().startswith("--")).split()
+            if len(words) < 3 or words[0].upper() != "CREATE":
+                continue
+            kind = words[1].upper()
+            name = words[2]
+            if kind == "TABLE" and name in self.new_tables:
+                out.append(statement)
+            elif kind in ("INDEX", "TRIGGER"):
+                target = words[words.index("ON") + 1] if "ON" in words else ""
+                if target in self.new_tables:
+                    out.append(statement)
+        return out
+
+
+MIGRATIONS: dict[int, Migration] = {
     # 1 -> 2: users, aliases, mechanism secrets, password policy, brute-force bans;
-    # per-domain anti-impersonation and legacy mechanisms.
-    1: """
-ALTER TABLE domains ADD COLUMN anti_impersonation INTEGER NOT NULL DEFAULT 1;
-ALTER TABLE listeners ADD COLUMN require_auth INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE listeners ADD COLUMN plaintext_auth INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE users (
-    name          TEXT PRIMARY KEY COLLATE NOCASE, -- the login: the user's own address
-    domain        TEXT NOT NULL,
-    password_hash TEXT NOT NULL,                   -- argon2id (PHC string), never the password
-    disabled      INTEGER NOT NULL DEFAULT 0,
-    created_at    REAL NOT NULL,
-    changed_at    REAL NOT NULL
-);
-
-CREATE TABLE user_aliases (                        -- further addresses a user may send as
-    address TEXT PRIMARY KEY COLLATE NOCASE,
-    user    TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE
-);
-
-CREATE TABLE user_secrets (                       -- per-mechanism derived secrets (SCRAM keys,
-    user      TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE ON UPDATE CASCADE,
-    mechanism TEXT NOT NULL,                        -- DIGEST-MD5 H(A1)), never the password
-    secret    TEXT NOT NULL,
-    PRIMARY KEY (user, mechanism)
-);
-
-CREATE TABLE domain_mechanisms (                   -- legacy mechanisms a domain has switched on
-    domain    TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE ON UPDATE CASCADE,
-    mechanism TEXT NOT NULL CHECK (mechanism IN ('CRAM-MD5', 'DIGEST-MD5')),
-    PRIMARY KEY (domain, mechanism)
-);
-
-CREATE TABLE password_policy (                     -- scope '*' is the server, else a domain
-    scope          TEXT PRIMARY KEY COLLATE NOCASE,
-    min_length     INTEGER NOT NULL,
-    min_classes    INTEGER NOT NULL,               -- of: lower, upper, digit, other
-    reject_common  INTEGER NOT NULL DEFAULT 1,
-    reject_name    INTEGER NOT NULL DEFAULT 1
-);
-
-CREATE TABLE auth_bans (                           -- brute force: refused early until `until`
-    kind       TEXT NOT NULL CHECK (kind IN ('ip', 'user')),
-    key        TEXT NOT NULL,
-    until      REAL NOT NULL,
-    failures   INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (kind, key)
-);
-CREATE TRIGGER users_ins AFTER INSERT ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER users_upd AFTER UPDATE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER users_del AFTER DELETE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_aliases_ins AFTER INSERT ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_aliases_upd AFTER UPDATE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_aliases_del AFTER DELETE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER password_policy_ins AFTER INSERT ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER password_policy_upd AFTER UPDATE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_ins AFTER INSERT ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_upd AFTER UPDATE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_del AFTER DELETE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER domain_mechanisms_ins AFTER INSERT ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER domain_mechanisms_upd AFTER UPDATE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER domain_mechanisms_del AFTER DELETE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-""",
+    # per-domain anti-impersonation; listener flags for AUTH.
+    1: Migration(
+        statements=(
+            "ALTER TABLE domains ADD COLUMN anti_impersonation INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE listeners ADD COLUMN require_auth INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE listeners ADD COLUMN plaintext_auth INTEGER NOT NULL DEFAULT 0",
+        ),
+        new_tables=("users", "user_aliases", "user_secrets", "domain_mechanisms", "password_policy",
+                    "auth_bans")),
 }
 
 
@@ -189,7 +156,7 @@ def initialise(path: Path | str, *, busy_timeout: float = 5.0) -> None:
             if step is None:
                 raise StoreError(f"no migration from schema version {version}")
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _statements(step):
+            for statement in step.script(text):
                 conn.execute(statement)
             version += 1
             conn.execute(f"PRAGMA user_version = {version}")

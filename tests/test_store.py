@@ -59,7 +59,7 @@ def test_migration_steps_run_in_order(tmp_path, monkeypatch):
     current = store.schema_version()
     text = store.schema_text().replace(f"-- schema-version: {current}", f"-- schema-version: {current + 1}")
     monkeypatch.setattr(store, "schema_text", lambda: text)
-    monkeypatch.setattr(store, "MIGRATIONS", {current: "CREATE TABLE added_later (x INTEGER);"})
+    monkeypatch.setattr(store, "MIGRATIONS", {current: store.Migration(("CREATE TABLE added_later (x INTEGER)",))})
     store.initialise(path)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == current + 1

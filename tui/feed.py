@@ -94,13 +94,15 @@ class LiveFeed:
                                        queue=status.get("queue"), bans=bans, bans_note=bans_note,
                                        checked_at=self.clock())
                 self._publish()
+                # A wake (event, retry_now) that came during the poll or the gap is
+                # kept: the next poll follows the gap at once.
                 await asyncio.sleep(self.min_gap)
-                self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wait(events), max(0.0, self.interval - self.min_gap))
                 if events.done():
                     events.result()      # re-raises why the stream ended
                     raise EngineNotRunning("the engine closed the event stream")
+                self._wake.clear()       # this poll answers every wake so far
                 status = await self.source.status()
         finally:
             events.cancel()
@@ -129,6 +131,7 @@ class LiveFeed:
                 self._wake.set()
 
     async def _down(self, reason: str) -> None:
+        self._wake.clear()               # r pressed while the store is read retries at once
         if self.state.running is not False:
             self._note(f"engine not reachable: {reason}")
         counts, note = None, ""
@@ -146,6 +149,5 @@ class LiveFeed:
                                bans=bans, bans_note=bans_note,
                                checked_at=now, next_retry=now + self.retry_interval)
         self._publish()
-        self._wake.clear()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.retry_interval)

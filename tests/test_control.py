@@ -190,3 +190,37 @@ def test_bans_through_the_socket(running):
     assert [b["key"] for b in c.call("auth.bans")] == ["192.0.2.7"]
     assert c.call("auth.unban", id="192.0.2.7") == {"unbanned": "192.0.2.7"}
     assert c.call("auth.bans") == []
+
+
+def test_subscription_streams_live_events(running):
+    import asyncio
+    from mailbox_guard.control_client import AsyncControlClient
+
+    async def collect() -> list[dict]:
+        client = AsyncControlClient(running.home)
+        events: list[dict] = []
+        stream = client.subscribe(["connection", "message"])
+
+        async def read():
+            async for event in stream:
+                events.append(event)
+                if any(e["topic"] == "message" for e in events):
+                    return
+
+        task = asyncio.ensure_future(read())
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(_send_one, running)
+        await asyncio.wait_for(task, 10)
+        await stream.aclose()
+        return events
+
+    events = asyncio.run(collect())
+    topics = [(e["topic"], e.get("action")) for e in events]
+    assert ("connection", "opened") in topics and ("message", None) in topics
+    msg = next(e for e in events if e["topic"] == "message")
+    assert msg["recipients"] == ["bob@example.test"] and msg["message_id"] == "<ctl-2@client.test>"
+
+
+def _send_one(gw) -> None:
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["bob@example.test"], make_message(message_id="<ctl-2@client.test>"))

@@ -1,12 +1,20 @@
 """Authentication for SMTP AUTH: password checks off the event loop, failure
 counting per client address and per user, and bans that refuse further attempts
-early. The same answer for an unknown user, a disabled user and a wrong password."""
+early. The same answer for an unknown user, a disabled user and a wrong password.
+
+Every mechanism first turns the login it was given into one canonical form
+(:func:`normalise_login`); bans, failure counters and the account lookup all use
+that form, so `Alice@Example.org ` is not a fresh login that escapes a ban.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import hmac
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -17,12 +25,30 @@ if TYPE_CHECKING:   # pragma: no cover
 
 log = logging.getLogger("mailbox_guard.auth")
 
+MAX_LOGIN = 320
+
+
+def normalise_login(text: str) -> str | None:
+    """The canonical login, or None for one that can name no account (whitespace or
+    control characters inside, too long): such logins fail like a wrong password."""
+    login = text.strip().lower()
+    if not login or len(login) > MAX_LOGIN or any(c.isspace() or not c.isprintable() for c in login):
+        return None
+    return login
+
+
+def printable(text: str, limit: int = 128) -> str:
+    return "".join(c if c.isprintable() and not c.isspace() or c == " " else "?" for c in text)[:limit]
+
 
 class AuthService:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.failures: dict[tuple[str, str], collections.deque[float]] = {}
         self.bans: dict[tuple[str, str], float] = {}
+        # For SCRAM answers about logins that cannot log in: a salt that stays the
+        # same for the same login, as a real account's does.
+        self._salt_key = os.urandom(32)
 
     async def load_bans(self) -> None:
         now = time.time()
@@ -34,47 +60,55 @@ class AuthService:
         until = self.bans.get((kind, key.lower()))
         return until is not None and until > time.time()
 
-    def refused(self, ip: str, login: str) -> bool:
-        return self.banned("ip", ip) or self.banned("user", login)
+    def refused(self, ip: str, login: str | None) -> bool:
+        return self.banned("ip", ip) or (login is not None and self.banned("user", login))
 
-    async def account(self, login: str) -> Account | None:
-        """The account a login names, if it may log in at all (exists, enabled)."""
+    async def account(self, login: str | None) -> Account | None:
+        """The account a (normalised) login names, if it may log in at all."""
+        if login is None:
+            return None
         account = await self.engine.readers.run(lambda c: load_account(c, login))
         return account if account is not None and not account.disabled else None
 
-    def succeeded(self, ip: str) -> None:
-        self.failures.pop(("ip", ip), None)
+    def dummy_salt(self, login: str) -> bytes:
+        return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:16]
 
-    async def failed(self, ip: str, login: str) -> None:
+    def succeeded(self, ip: str) -> None:
+        """Nothing to forget: failures age out of their window on their own (clearing
+        them on success would let one owned account reset the count for guesses on
+        others)."""
+
+    async def failed(self, ip: str, login: str | None) -> None:
         await self._failed(ip, login, self.engine.policy.settings)
 
-    async def login(self, login: str, password: str, ip: str) -> Account | None:
+    async def login(self, login_text: str, password: str, ip: str) -> Account | None:
         """The account when the password is right and nobody is banned, else None."""
-        settings = self.engine.policy.settings
-        refused_early = self.banned("ip", ip) or self.banned("user", login)
-        account = None if refused_early else await self.engine.readers.run(lambda c: load_account(c, login))
-        usable = account is not None and not account.disabled
-        # Always pay for one verification, so that timing tells nothing either.
-        ok, rehash = await asyncio.to_thread(verify_password, account.password_hash if usable else None,
+        login = normalise_login(login_text)
+        if self.refused(ip, login):
+            # Banned: refused before any hashing (a ban is about the client or the
+            # login, not about whether an account exists), and not counted again.
+            return None
+        account = await self.account(login)
+        # Always pay for one verification, so that timing tells nothing.
+        ok, rehash = await asyncio.to_thread(verify_password, account.password_hash if account else None,
                                              password)
-        if refused_early:
-            return None       # already banned: not counted again (the ban would never end)
-        if ok and usable:
-            self.failures.pop(("ip", ip), None)
+        if ok and account is not None:
             if rehash:
                 new_hash = await asyncio.to_thread(hash_password, password)
                 await self.engine.writer.run(lambda c: c.execute(
                     "UPDATE users SET password_hash = ? WHERE name = ?", (new_hash, account.name)))
                 log.info("password hash of %s upgraded to the current parameters", account.name)
             return account
-        await self._failed(ip, login, settings)
+        await self.failed(ip, login)
         return None
 
-    async def _failed(self, ip: str, login: str, settings) -> None:
+    async def _failed(self, ip: str, login: str | None, settings) -> None:
         now = time.time()
         window = settings["auth.ban_window"]
-        for kind, key, limit in (("ip", ip, settings["auth.ban_after"]),
-                                 ("user", login.lower()[:320], settings["auth.user_ban_after"])):
+        targets = [("ip", ip, settings["auth.ban_after"])]
+        if login is not None:
+            targets.append(("user", login, settings["auth.user_ban_after"]))
+        for kind, key, limit in targets:
             if not limit:
                 continue
             q = self.failures.setdefault((kind, key), collections.deque(maxlen=limit))
@@ -83,7 +117,7 @@ class AuthService:
                 until = now + settings["auth.ban_time"]
                 self.bans[(kind, key)] = until
                 q.clear()
-                log.warning("auth: %s %s banned until %s after %d failures", kind, key,
+                log.warning("auth: %s %s banned until %s after %d failures", kind, printable(key),
                             time.strftime("%H:%M:%S", time.localtime(until)), limit)
                 try:
                     await self.engine.writer.run(lambda c, kind=kind, key=key, until=until, n=limit: c.execute(
@@ -91,7 +125,7 @@ class AuthService:
                         "ON CONFLICT(kind, key) DO UPDATE SET until = excluded.until, "
                         "failures = excluded.failures", (kind, key, until, n, now)))
                 except Exception as exc:      # the ban still holds in memory
-                    log.error("could not store the ban of %s: %s", key, exc)
+                    log.error("could not store the ban of %s: %s", printable(key), exc)
         if len(self.failures) > 100000:       # bounded: forget the oldest counters
             for k in list(self.failures)[:50000]:
                 del self.failures[k]

@@ -37,7 +37,10 @@ log = logging.getLogger("mailbox_guard.control")
 PROTOCOL_VERSION = 1
 SOCKET_NAME = "control.sock"
 MAX_REQUEST = 64 * 1024
-MAX_CLIENTS = 64
+MAX_CLIENTS = 64              # in all; admins always get one of the ADMIN_RESERVE extra
+ADMIN_RESERVE = 8
+MAX_PER_UID = 16              # for a non-admin peer
+IDLE_TIMEOUT = 300.0          # a request connection that says nothing for this long is closed
 
 READ_ONLY = frozenset({"hello", "status", "connections", "queue.list", "queue.show", "stats",
                        "messages.why", "subscribe", "auth.bans"})
@@ -103,19 +106,31 @@ class ControlServer:
     # ------------------------------------------------------------------ connection
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if len(self.clients) >= MAX_CLIENTS:
+        sock = writer.get_extra_info("socket")
+        try:
+            _pid, uid, _gid = peer_credentials(sock)
+        except OSError:
+            writer.close()
+            return
+        admin = uid == 0 or uid == os.geteuid()
+        # Read-only peers cannot crowd out the admin: a share per uid, and slots
+        # kept for admins only.
+        same_uid = sum(1 for t in self.clients if getattr(t, "mg_uid", None) == uid)
+        if (len(self.clients) >= MAX_CLIENTS + (ADMIN_RESERVE if admin else 0)
+                or (not admin and same_uid >= MAX_PER_UID)):
             await self._send(writer, {"v": PROTOCOL_VERSION, "ok": False,
                                       "error": {"code": "busy", "message": "too many control clients"}})
             writer.close()
             return
+        task.mg_uid = uid          # type: ignore[attr-defined]
         self.clients.add(task)
         try:
-            sock = writer.get_extra_info("socket")
-            _pid, uid, _gid = peer_credentials(sock)
-            admin = uid == 0 or uid == os.geteuid()
             while True:
                 try:
-                    line = await reader.readuntil(b"\n")
+                    async with asyncio.timeout(IDLE_TIMEOUT):
+                        line = await reader.readuntil(b"\n")
+                except TimeoutError:
+                    return
                 except asyncio.LimitOverrunError as exc:
                     await self._skip_line(reader, exc.consumed)
                     await self._reply(writer, None, error=("too_large",
@@ -138,8 +153,9 @@ class ControlServer:
                 except ControlError as exc:
                     await self._reply(writer, request_id, error=(exc.code, exc.message))
                     continue
-                except (ValueError, UnicodeDecodeError) as exc:
-                    await self._reply(writer, request_id, error=("bad_request", f"not a valid request: {exc}"))
+                except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                    await self._reply(writer, request_id, error=("bad_request",
+                                      f"not a valid request: {type(exc).__name__}"))
                     continue
                 if method not in READ_ONLY and method not in ADMIN:
                     await self._reply(writer, request_id, error=("unknown_method", f"no method {method[:64]!r}"))
@@ -155,6 +171,8 @@ class ControlServer:
                     result = await self.methods[method](params)
                 except ControlError as exc:
                     await self._reply(writer, request_id, error=(exc.code, exc.message))
+                except (TypeError, ValueError) as exc:     # a parameter of the wrong kind
+                    await self._reply(writer, request_id, error=("bad_request", f"bad parameter: {exc}"))
                 except q.QueueActionError as exc:
                     await self._reply(writer, request_id, error=("failed", str(exc)))
                 except Exception as exc:      # a bug: reported, logged, the engine goes on
@@ -221,14 +239,20 @@ class ControlServer:
         return self.engine.live_connections()
 
     async def _stats(self, params: dict) -> dict:
-        return self.engine.stats.snapshot(int(params.get("minutes", 30)))
+        minutes = params.get("minutes", 30)
+        if not isinstance(minutes, int) or isinstance(minutes, bool) or not 1 <= minutes <= 60:
+            raise ControlError("bad_request", "minutes must be an integer from 1 to 60")
+        return self.engine.stats.snapshot(minutes)
 
     async def _queue_list(self, params: dict) -> list[dict]:
         states = params.get("states")
         if states is not None and (not isinstance(states, list) or not all(isinstance(s, str) for s in states)):
             raise ControlError("bad_request", "states must be a list of strings")
         search = str(params.get("search") or "")[:200]
-        limit = max(1, min(int(params.get("limit", 100)), 10000))
+        limit = params.get("limit", 100)
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise ControlError("bad_request", "limit must be an integer")
+        limit = max(1, min(limit, 10000))
         return await self.engine.readers.run(lambda c: q.list_messages(c, states=states, search=search,
                                                                           limit=limit))
 
@@ -294,7 +318,7 @@ class ControlServer:
     async def _unban(self, params: dict) -> dict:
         key = self._id(params)
         removed = await self.engine.writer.run(
-            lambda c: c.execute("DELETE FROM auth_bans WHERE key = ?", (key,)).rowcount)
+            lambda c: c.execute("DELETE FROM auth_bans WHERE key = ? COLLATE NOCASE", (key.strip(),)).rowcount)
         if not removed:
             raise ControlError("not_found", f"no ban for {key}")
         await self.engine.reload_policy()

@@ -61,11 +61,13 @@ def verify(d: dict[str, str], *, nonce: str, secret_hex: str, service: str = "sm
         return None
     if not d["digest-uri"].lower().startswith(f"{service}/"):
         return None
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", d["response"]):
+        return None
     authzid = d.get("authzid")
     ha1 = _a1_hex(secret_hex, nonce, d["cnonce"], authzid)
     ha2 = hashlib.md5(f"AUTHENTICATE:{d['digest-uri']}".encode()).hexdigest()
     expected = _kd(ha1, f"{nonce}:{d['nc']}:{d['cnonce']}:auth:{ha2}")
-    if not hmac.compare_digest(expected, d["response"].lower()):
+    if not hmac.compare_digest(expected.encode(), d["response"].lower().encode()):
         return None
     ha2_server = hashlib.md5(f":{d['digest-uri']}".encode()).hexdigest()
     return _kd(ha1, f"{nonce}:{d['nc']}:{d['cnonce']}:auth:{ha2_server}")

@@ -78,6 +78,8 @@ class TransactionFacts:
     recipients: list[str] = field(default_factory=list)      # accepted so far
     size: int | None = None
     headers: Any = None                                      # email.message.Message (headers only)
+    raw_headers: bytes = b""                                 # the header section as received
+    headers_complete: bool = True                            # ended by an empty line within the cap
 
 
 @dataclass

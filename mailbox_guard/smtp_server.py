@@ -31,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 from base64 import b64decode, b64encode
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException
 
 from . import replies
 from .addresses import Path, PathError, parse_path, split_path
+from .auth import normalise_login
+from .users import SCRAM_ITERATIONS
 from .pipeline import Action, Context, Decision, Phase, SessionFacts, TransactionFacts
 from .queue import NewMessage, Verdict, new_queue_id
 
@@ -58,6 +60,7 @@ def _has_long_line(data: bytes) -> bool:
     return len(data) > _TEXT_LINE_LIMIT and max(map(len, data.split(b"\n"))) > _TEXT_LINE_LIMIT
 _AUTH_LINE_LIMIT = 12288          # RFC 4954 (Kerberos tickets in AUTH GSSAPI)
 _CONN_IDS = itertools.count(1)
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 # RFC 4954 advertisement order asked for by admins' clients; only those implemented
 # and enabled appear.
 AUTH_ORDER = ("CRAM-MD5", "LOGIN", "PLAIN", "DIGEST-MD5", "GSSAPI", "SCRAM-SHA-256")
@@ -214,6 +217,21 @@ class GuardSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         return await self._login("LOGIN", login, password)
 
+    async def challenge_auth(self, challenge, encode_to_b64: bool = True, log_client_response: bool = False):
+        """aiosmtpd's, with the AUTH line limit enforced like any other line (its own
+        readline raises on a line over the limit, which would end in a 451)."""
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, False)
+        except ValueError:      # LimitOverrunError from readline: drain the line, refuse
+            while True:
+                try:
+                    await self._reader.readuntil(b"\n")
+                    break
+                except asyncio.LimitOverrunError as more:
+                    await self._reader.read(more.consumed)
+            await self.push(replies.S500_LINE_TOO_LONG)
+            return MISSING
+
     async def _auth_syntax(self, reply: str) -> AuthResult:
         await self.push(reply)
         return AuthResult(success=False, handled=True)
@@ -251,27 +269,35 @@ class GuardSMTP(SMTP):
         except (UnicodeDecodeError, IndexError, StopIteration):
             return await self._auth_syntax("501 5.5.2 Malformed SCRAM client-first message")
         engine = self.event_handler.engine
+        raw_login, login = login, normalise_login(login)
         refused = engine.auth.refused(self.facts.peer_ip, login)
-        account = None if refused else await engine.auth.account(login)
+        # Looked up even when refused: the answer (salt, iterations) must not change
+        # with a ban or show whether the account exists.
+        account = await engine.auth.account(login)
         secret = account.secrets.get("SCRAM-SHA-256") if account is not None else None
         if secret is not None:
             keys = json.loads(secret)
             auth_info = (b64decode(keys["salt"]), b64decode(keys["stored_key"]),
                          b64decode(keys["server_key"]), keys["iterations"])
         else:
-            auth_info = ScramMechanism("SCRAM-SHA-256").make_auth_info(os.urandom(16).hex(), iteration_count=4096)
+            # A stable salt per login and throwaway keys: no PBKDF2 on the loop, and
+            # nothing that tells an unknown login from a real one.
+            auth_info = (engine.auth.dummy_salt(login or raw_login), os.urandom(32), os.urandom(32),
+                         SCRAM_ITERATIONS)
         server = ScramMechanism("SCRAM-SHA-256").make_server(lambda _user: auth_info)
         try:
             server.set_client_first(text)
             final = await self.challenge_auth(server.get_server_first())
             if final is MISSING:
+                # An abandoned exchange counts like a failure (else probing is free).
+                await self._auth_failure(raw_login, "SCRAM-SHA-256", counted=not refused, reply=False)
                 return AuthResult(success=False, handled=True)
             server.set_client_final(final.decode("utf-8", "replace"))
-            ok = secret is not None
+            ok = secret is not None and not refused
         except ScramException:
             ok = False
         if not ok:
-            return await self._auth_failure(login, "SCRAM-SHA-256", counted=not refused)
+            return await self._auth_failure(raw_login, "SCRAM-SHA-256", counted=not refused)
         engine.auth.succeeded(self.facts.peer_ip)
         # The server's proof goes in a last challenge; the client answers empty.
         if await self.challenge_auth(server.get_server_final()) is MISSING:
@@ -322,10 +348,11 @@ class GuardSMTP(SMTP):
         except (gssapi.exceptions.GSSError, ValueError) as exc:
             log.info("conn=%s GSSAPI failed: %s", self.facts.connection_id, _printable(str(exc), 200))
             return await self._auth_failure(principal, "GSSAPI")
-        login = user_for(principal)
+        realm = engine.gssapi.principal.rpartition("@")[2]
+        login = normalise_login(user_for(principal)) if principal.endswith("@" + realm) or not realm else None
         refused = engine.auth.refused(self.facts.peer_ip, login)
-        account = None if refused or not login else await engine.auth.account(login)
-        if account is None or (authzid and authzid.lower() != account.name.lower()):
+        account = None if refused else await engine.auth.account(login)
+        if account is None or (authzid and normalise_login(authzid) != account.name.lower()):
             return await self._auth_failure(principal, "GSSAPI", counted=not refused)
         engine.auth.succeeded(self.facts.peer_ip)
         return self._auth_success(account, "GSSAPI")
@@ -343,13 +370,16 @@ class GuardSMTP(SMTP):
         answer = await self.challenge_auth(challenge)
         if answer is MISSING:
             return AuthResult(success=False, handled=True)
-        login, _, digest = answer.decode("utf-8", "replace").rpartition(" ")
+        raw_login, _, digest = answer.decode("utf-8", "replace").rpartition(" ")
+        login = normalise_login(raw_login)
         refused = engine.auth.refused(self.facts.peer_ip, login)
-        account = None if refused or not login else await engine.auth.account(login)
+        account = None if refused else await engine.auth.account(login)
         secret = account.secrets.get("CRAM-MD5") if account is not None else None
-        good = secret is not None and hmac.compare_digest(cram_md5.expected(secret, challenge), digest.lower())
+        digest = digest.lower()
+        good = (secret is not None and _HEX32.fullmatch(digest) is not None
+                and hmac.compare_digest(cram_md5.expected(secret, challenge).encode(), digest.encode()))
         if not good:
-            return await self._auth_failure(login or "?", "CRAM-MD5", counted=not refused)
+            return await self._auth_failure(raw_login or "?", "CRAM-MD5", counted=not refused)
         engine.auth.succeeded(self.facts.peer_ip)
         return self._auth_success(account, "CRAM-MD5")
 
@@ -370,15 +400,17 @@ class GuardSMTP(SMTP):
             d = digest_md5.parse(answer.decode("utf-8"))
         except (UnicodeDecodeError, digest_md5.DigestError):
             return await self._auth_syntax("501 5.5.2 Malformed DIGEST-MD5 response")
-        login = d.get("username", "")
+        raw_login = d.get("username", "")
+        login = normalise_login(raw_login)
         refused = engine.auth.refused(self.facts.peer_ip, login)
         account = None if refused else await engine.auth.account(login)
         secret = account.secrets.get("DIGEST-MD5") if account is not None else None
         rspauth = None
-        if secret is not None and d.get("realm", "") == account.domain and d.get("authzid", login) == login:
+        if (secret is not None and d.get("realm", "").lower() == account.domain
+                and normalise_login(d.get("authzid", raw_login)) == login):
             rspauth = digest_md5.verify(d, nonce=nonce, secret_hex=secret)
         if rspauth is None:
-            return await self._auth_failure(login, "DIGEST-MD5", counted=not refused)
+            return await self._auth_failure(raw_login, "DIGEST-MD5", counted=not refused)
         engine.auth.succeeded(self.facts.peer_ip)
         if await self.challenge_auth(f"rspauth={rspauth}") is MISSING:
             return AuthResult(success=False, handled=True)
@@ -393,12 +425,14 @@ class GuardSMTP(SMTP):
         log.info("conn=%s authenticated %s with %s", self.facts.connection_id, account.name, mechanism)
         return AuthResult(success=True, auth_data=account.name, message=replies.S235_AUTH_OK)
 
-    async def _auth_failure(self, login: str, mechanism: str, *, counted: bool = True) -> AuthResult:
+    async def _auth_failure(self, login: str, mechanism: str, *, counted: bool = True,
+                            reply: bool = True) -> AuthResult:
         engine = self.event_handler.engine
         now = time.time()
         shown = _printable(login, 128)       # the login only: never the password
         if counted and mechanism not in ("PLAIN", "LOGIN"):
-            await engine.auth.failed(self.facts.peer_ip, login)   # (PLAIN/LOGIN: AuthService.login did)
+            # (PLAIN and LOGIN were counted by AuthService.login)
+            await engine.auth.failed(self.facts.peer_ip, normalise_login(login))
         self.auth_failures += 1
         self.conn_trace.append(Verdict(next(self.seq), now, "auth", shown, "auth", "AUTH_FAILED", 0.0,
                                        "reject", replies.S535_AUTH_FAILED, mechanism))
@@ -407,6 +441,8 @@ class GuardSMTP(SMTP):
                               phase="auth", subject=shown, check="auth", symbol="AUTH_FAILED",
                               reply=replies.S535_AUTH_FAILED)
         log.info("conn=%s authentication failed for %s with %s", self.facts.connection_id, shown, mechanism)
+        if not reply:
+            return AuthResult(success=False, handled=True)
         if self.auth_failures >= engine.policy.settings["auth.session_failures"]:
             await self.push(replies.S535_AUTH_FAILED)
             self._out.append(replies.S421_AUTH_FAILURES.format(hostname=self.hostname).encode() + b"\r\n")
@@ -557,6 +593,14 @@ class GuardSMTP(SMTP):
                 raise
             except (ConnectionResetError, BrokenPipeError):
                 self._writer.close()
+                return
+            except TLSSetupException as error:
+                # A failed handshake is the client's business (scanners do it all day):
+                # one line in the log, no traceback, and the connection goes.
+                log.info("conn=%s TLS handshake failed: %s", self.facts.connection_id,
+                         _printable(str(error.__cause__ or error), 200))
+                if self.transport is not None:
+                    self.transport.close()
                 return
             except Exception as error:
                 status = await self.handle_exception(error)
@@ -727,6 +771,7 @@ class Handler:
         headers = _parse_headers(body)
         server.tx.size = len(body)
         server.tx.headers = headers
+        server.tx.raw_headers, server.tx.headers_complete = _header_section(body)
         decision = await self.engine.pipeline.run(self._ctx(server, Phase.DATA))
         server.record(Phase.DATA, "", decision, into_tx=True)
         if decision.action is not Action.ACCEPT:
@@ -797,6 +842,20 @@ def _date_header_value(now: float) -> str:
     if _DATE_CACHE[0] != second:
         _DATE_CACHE[:] = [second, email.utils.format_datetime(datetime.fromtimestamp(second).astimezone())]
     return _DATE_CACHE[1]
+
+
+_HEADER_CAP = 256 * 1024
+
+
+def _header_section(body: bytes) -> tuple[bytes, bool]:
+    """The header section as received, and whether an empty line ended it within
+    the cap (an unterminated or oversized one cannot be checked completely)."""
+    end = body.find(b"\r\n\r\n")
+    if 0 <= end <= _HEADER_CAP:
+        return body[:end + 2], True
+    if end < 0 and len(body) <= _HEADER_CAP and not body.strip(b"\r\n").count(b"\r\n\r\n"):
+        return body, False
+    return body[:_HEADER_CAP], False
 
 
 def _parse_headers(body: bytes):

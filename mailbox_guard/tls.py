@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import logging
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,11 @@ def install(home: Path, cert_file: Path, key_file: Path, listener: str | None = 
         cert_data, key_data = cert_file.read_bytes(), key_file.read_bytes()
     except OSError as exc:
         raise TlsError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    name = listener or DEFAULT
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+        raise TlsError(f"bad listener name {name!r} (letters, digits, - and _)")
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     load_chain(probe, cert_file, key_file)
-    name = listener or DEFAULT
     folder = home / TLS_DIR
     folder.mkdir(mode=0o750, exist_ok=True)
     # Key first, certificate last: the engine reloads when the certificate changes.

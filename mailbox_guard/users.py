@@ -241,7 +241,8 @@ class UserStore:
 
     def unban(self, key: str) -> bool:
         with self.store._tx() as conn:
-            return conn.execute("DELETE FROM auth_bans WHERE key = ?", (key,)).rowcount > 0
+            return conn.execute("DELETE FROM auth_bans WHERE key = ? COLLATE NOCASE",
+                                (key.strip(),)).rowcount > 0
 
     @staticmethod
     def _exists(conn: sqlite3.Connection, name: str) -> None:

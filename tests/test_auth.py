@@ -356,3 +356,123 @@ def test_old_hash_parameters_are_upgraded_at_login(sub):
     sub.wait_until(lambda: sub.query("SELECT password_hash FROM users WHERE name = 'alice@example.test'")[0]
                    ["password_hash"].startswith("$argon2id$v=19$m=19456,t=2,p=1$"), what="rehash")
     assert "password hash of alice@example.test upgraded" in sub.log()
+
+
+@pytest.mark.parametrize("forged", [
+    b"From : ceo@victim.test\r\n",                      # obsolete syntax, honoured by readers
+    b"From\t: ceo@victim.test\r\n",
+    b"FROM: ceo@victim.test\r\n",
+    b"From: alice@example.test\r\nFrom: ceo@victim.test\r\n",     # a second From
+    b"From: alice@example.test,\r\n ceo@victim.test\r\n",        # folded list
+    b"From: undisclosed:;\r\n",                         # group syntax, no address
+])
+def test_header_tricks_do_not_hide_a_foreign_sender(sub, forged):
+    msg = b"Sender: alice@example.test\r\n" + forged + b"Subject: x\r\nMessage-ID: <t@c.test>\r\n\r\nbody\r\n"
+    with login(sub) as s:
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        assert s.data(msg)[0] == 553
+
+
+def test_oversized_header_section_cannot_hide_a_foreign_sender(sub):
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 900) for i in range(300))
+    msg = b"Sender: alice@example.test\r\n" + padding + b"From: ceo@victim.test\r\n\r\nbody\r\n"
+    with login(sub) as s:
+        s.mail("alice@example.test")
+        s.rcpt("bob@example.test")
+        assert s.data(msg)[0] == 553
+
+
+def test_bans_hold_for_every_spelling_of_the_login(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    gateway.configure(**{"auth.user_ban_after": "3", "auth.ban_after": "0", "auth.session_failures": "10"})
+    gateway.sub_port = free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
+    with submission(gateway) as s:
+        for i in range(3):
+            assert s.docmd("AUTH", _plain("alice@example.test", f"bad-{i}"))[0] == 535
+    for spelling in ("alice@example.test", "ALICE@Example.Test", " alice@example.test", "alice@example.test\t"):
+        with submission(gateway) as s:
+            assert s.docmd("AUTH", _plain(spelling, PASSWORD))[0] == 535, repr(spelling)
+        if "\t" not in spelling:         # (scramp's client refuses control characters itself)
+            with submission(gateway) as s:
+                assert scram_login(s, spelling, PASSWORD)[0] == 535, repr(spelling)
+
+
+def test_a_successful_login_does_not_reset_the_address_count(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    assert add_user(gateway, "mallory@example.test").returncode == 0
+    gateway.configure(**{"auth.ban_after": "4", "auth.session_failures": "10"})
+    gateway.sub_port = free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
+    for round_ in range(2):
+        with submission(gateway) as s:
+            for i in range(2):
+                s.docmd("AUTH", _plain("alice@example.test", f"guess-{round_}-{i}"))
+        with submission(gateway) as s:
+            s.docmd("AUTH", _plain("mallory@example.test", PASSWORD))
+    with submission(gateway) as s:
+        assert s.docmd("AUTH", _plain("alice@example.test", PASSWORD))[0] == 535     # banned by now
+
+
+def test_scram_answers_the_same_for_unknown_users(sub):
+    import base64
+    from scramp import ScramClient
+
+    def salt_of(user: str) -> str:
+        with submission(sub) as s:
+            client = ScramClient(["SCRAM-SHA-256"], user, "x")
+            code, resp = s.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.get_client_first().encode()).decode())
+            assert code == 334
+            first = base64.b64decode(resp).decode()
+            s.docmd("*")
+            return dict(p.split("=", 1) for p in first.split(","))["s"]
+    # A real account's salt is stable; so is an unknown login's.
+    assert salt_of("alice@example.test") == salt_of("alice@example.test")
+    assert salt_of("ghost@example.test") == salt_of("ghost@example.test")
+
+
+@pytest.mark.parametrize("mechanism", ["CRAM-MD5", "DIGEST-MD5"])
+def test_garbage_answers_to_legacy_mechanisms_fail_cleanly(sub, mechanism):
+    import base64
+    sub.cli("users", "mechanism", "example.test", mechanism, "on")
+    sub.cli("users", "passwd", "alice@example.test", "--password-stdin", input=PASSWORD + "\n")
+    sub.wait_until(lambda: mechanism in _features(sub), timeout=5, what="mechanism on")
+    answer = ("alice@example.test \xff\xff" if mechanism == "CRAM-MD5" else
+              'username="alice@example.test",realm="example.test",nonce="x",cnonce="y",nc=00000001,'
+              'qop=auth,digest-uri="smtp/gw.test",response="\u00e9"')
+    with submission(sub) as s:
+        assert s.docmd("AUTH", mechanism)[0] == 334
+        code, _ = s.docmd(base64.b64encode(answer.encode()).decode())
+        assert code == 535
+    assert "Traceback" not in sub.log()
+
+
+def test_an_overlong_auth_line_is_refused_cleanly(sub):
+    with submission(sub) as s:
+        assert s.docmd("AUTH", "LOGIN")[0] == 334
+        s.send(b"A" * 20000 + b"\r\n")
+        assert s.getreply()[0] == 500
+        assert s.noop()[0] == 250
+    assert "Traceback" not in sub.log()
+
+
+def test_failed_tls_handshakes_leave_no_traceback(sub):
+    import socket
+    with socket.create_connection(("127.0.0.1", sub.sub_port), timeout=10) as raw:
+        raw.recv(1000)
+        raw.sendall(b"EHLO x\r\n")
+        time.sleep(0.2)
+        raw.recv(1000)
+        raw.sendall(b"STARTTLS\r\n")
+        raw.recv(1000)
+        raw.sendall(b"this is not a TLS client hello\r\n" * 10)
+        time.sleep(0.5)
+    with socket.create_connection(("127.0.0.1", sub.smtps_port), timeout=10) as raw:
+        raw.sendall(b"EHLO plain text on an SMTPS port\r\n")
+        time.sleep(0.5)
+    time.sleep(0.5)
+    assert "Traceback" not in sub.log()
+    assert sub.proc.poll() is None

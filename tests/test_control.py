@@ -224,3 +224,13 @@ def test_subscription_streams_live_events(running):
 def _send_one(gw) -> None:
     with gw.smtp() as s:
         s.sendmail("alice@sender.test", ["bob@example.test"], make_message(message_id="<ctl-2@client.test>"))
+
+
+def test_bad_parameters_are_refused_not_obeyed(running):
+    path = running.home / "control.sock"
+    replies_ = raw_exchange(path, b'{"method": "stats", "params": {"minutes": 3000000}}\n'
+                                  b'{"method": "stats", "params": {"minutes": "x"}}\n'
+                                  b'{"method": "queue.list", "params": {"limit": "lots"}}\n'
+                            + b"[" * 60000 + b"\n", 4)
+    assert [r["error"]["code"] for r in replies_] == ["bad_request"] * 4
+    assert ControlClient(running.home).call("stats", minutes=5)["per_minute"]["accepted"].__len__() == 5

@@ -41,14 +41,32 @@ def printable(text: str, limit: int = 128) -> str:
     return "".join(c if c.isprintable() and not c.isspace() or c == " " else "?" for c in text)[:limit]
 
 
+def _salt_key(path) -> bytes:
+    try:
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+    except OSError:
+        pass
+    data = os.urandom(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:        # still works for this run; the next may differ
+        log.warning("cannot keep %s: %s", path, exc.strerror)
+    return data
+
+
 class AuthService:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.failures: dict[tuple[str, str], collections.deque[float]] = {}
         self.bans: dict[tuple[str, str], float] = {}
         # For SCRAM answers about logins that cannot log in: a salt that stays the
-        # same for the same login, as a real account's does.
-        self._salt_key = os.urandom(32)
+        # same for the same login, as a real account's does (kept in the home folder,
+        # so a restart does not change it either).
+        self._salt_key: bytes | None = None      # read when first needed (home exists by then)
 
     async def load_bans(self) -> None:
         now = time.time()
@@ -71,6 +89,8 @@ class AuthService:
         return account if account is not None and not account.disabled else None
 
     def dummy_salt(self, login: str) -> bytes:
+        if self._salt_key is None:
+            self._salt_key = _salt_key(self.engine.home / "scram-salt.key")
         return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:16]
 
     def succeeded(self, ip: str) -> None:

@@ -429,9 +429,13 @@ def test_scram_answers_the_same_for_unknown_users(sub):
             first = base64.b64decode(resp).decode()
             s.docmd("*")
             return dict(p.split("=", 1) for p in first.split(","))["s"]
-    # A real account's salt is stable; so is an unknown login's.
+    # A real account's salt is stable; so is an unknown login's, across restarts too.
     assert salt_of("alice@example.test") == salt_of("alice@example.test")
-    assert salt_of("ghost@example.test") == salt_of("ghost@example.test")
+    ghost = salt_of("ghost@example.test")
+    assert ghost == salt_of("ghost@example.test")
+    sub.stop()
+    sub.start("--submission", f"127.0.0.1:{sub.sub_port}", "--smtps", f"127.0.0.1:{sub.smtps_port}")
+    assert salt_of("ghost@example.test") == ghost
 
 
 @pytest.mark.parametrize("mechanism", ["CRAM-MD5", "DIGEST-MD5"])

@@ -26,10 +26,6 @@ class Path:
     literal: bool = False     # [1.2.3.4] or [IPv6:...]
 
     @property
-    def is_null(self) -> bool:
-        return self.address == ""
-
-    @property
     def domain_lc(self) -> str:
         return self.domain.lower()
 

@@ -44,10 +44,13 @@ def printable(text: str, limit: int = 128) -> str:
 def _salt_key(path) -> bytes:
     try:
         data = path.read_bytes()
-        if len(data) == 32:
-            return data
-    except OSError:
-        pass
+    except FileNotFoundError:
+        data = b""                  # the first use: made below
+    except OSError as exc:
+        log.warning("cannot read %s (%s): using a new key", path, exc.strerror)
+        data = b""
+    if len(data) == 32:
+        return data
     data = os.urandom(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -93,21 +96,17 @@ class AuthService:
             self._salt_key = _salt_key(self.engine.home / "scram-salt.key")
         return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:16]
 
-    def succeeded(self, ip: str) -> None:
-        """Nothing to forget: failures age out of their window on their own (clearing
-        them on success would let one owned account reset the count for guesses on
-        others)."""
-
     async def failed(self, ip: str, login: str | None) -> None:
+        """Count a failure. A success forgets nothing: failures age out of their window
+        (clearing them would let one owned account reset the count for guesses on
+        others)."""
         await self._failed(ip, login, self.engine.policy.settings)
 
-    async def login(self, login_text: str, password: str, ip: str) -> Account | None:
-        """The account when the password is right and nobody is banned, else None."""
-        login = normalise_login(login_text)
-        if self.refused(ip, login):
-            # Banned: refused before any hashing (a ban is about the client or the
-            # login, not about whether an account exists), and not counted again.
-            return None
+    async def check_password(self, login: str | None, password: str) -> Account | None:
+        """The account when the password is right, else None. The caller has checked
+        for bans (a banned login is refused before any hashing: a ban is about the
+        client or the login, not about whether an account exists) and counts failures,
+        as for every mechanism."""
         account = await self.account(login)
         # Always pay for one verification, so that timing tells nothing.
         ok, rehash = await asyncio.to_thread(verify_password, account.password_hash if account else None,
@@ -119,7 +118,6 @@ class AuthService:
                     "UPDATE users SET password_hash = ? WHERE name = ?", (new_hash, account.name)))
                 log.info("password hash of %s upgraded to the current parameters", account.name)
             return account
-        await self.failed(ip, login)
         return None
 
     async def _failed(self, ip: str, login: str | None, settings) -> None:

@@ -69,7 +69,7 @@ class ControlServer:
         self.methods: dict[str, Callable[[dict], Awaitable[Any]]] = {
             "hello": self._hello, "status": self._status, "connections": self._connections,
             "queue.list": self._queue_list, "queue.show": self._queue_show, "stats": self._stats,
-            "messages.why": self._why, "connections.kill": self._kill,
+            "messages.why": self._queue_show, "connections.kill": self._kill,
             "queue.retry": self._retry, "queue.hold": self._hold, "queue.release": self._release,
             "queue.delete": self._delete, "queue.flush": self._flush, "reload": self._reload,
             "auth.bans": self._bans, "auth.unban": self._unban,
@@ -180,8 +180,10 @@ class ControlServer:
                     await self._reply(writer, request_id, error=("internal", type(exc).__name__))
                 else:
                     await self._reply(writer, request_id, result=result)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError as exc:
+            log.debug("control client went away: %s", exc)
+        except asyncio.CancelledError:
+            log.debug("control client closed at shutdown")
         finally:
             self.clients.discard(task)
             writer.close()
@@ -258,17 +260,10 @@ class ControlServer:
 
     async def _queue_show(self, params: dict) -> dict:
         key = self._id(params)
-
-        def read(c):
-            found = q.find_message(c, key)
-            return q.message_detail(c, found) if found else None
-        detail = await self.engine.readers.run(read)
+        detail = await self.engine.readers.run(lambda c: q.find_detail(c, key))
         if detail is None:
             raise ControlError("not_found", f"no message {key}")
         return detail
-
-    async def _why(self, params: dict) -> dict:
-        return await self._queue_show(params)
 
     async def _kill(self, params: dict) -> dict:
         if not self.engine.kill_connection(self._id(params)):

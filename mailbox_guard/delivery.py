@@ -123,9 +123,6 @@ class Delivery:
         self.active: set[asyncio.Task] = set()
         self.stopping = False
         self._tls = opportunistic_tls_context()
-        self.delivered = 0
-        self.deferred = 0
-        self.bounced = 0
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -149,8 +146,11 @@ class Delivery:
             now = time.time()
             if now - last_sweep > 30:
                 last_sweep = now
-                with contextlib.suppress(Exception):
+                try:
                     n = await engine.writer.run(lambda c: recover_leases(c, now, expired_only=True))
+                except sqlite3.Error as exc:     # the next sweep tries again
+                    log.error("lease sweep failed: %s", exc)
+                else:
                     if n:
                         log.warning("gave back %d expired lease(s)", n)
                 self.pool.prune()
@@ -181,10 +181,13 @@ class Delivery:
             self.wake.clear()
             timeout = 1.0
             if not ids and free > 0:
-                with contextlib.suppress(Exception):
+                try:
                     due = await engine.readers.run(next_due)
-                    if due is not None:
-                        timeout = min(1.0, max(0.0, due - time.time()))
+                except sqlite3.Error as exc:     # wake up in a second and look again
+                    log.error("cannot read the next due time: %s", exc)
+                    due = None
+                if due is not None:
+                    timeout = min(1.0, max(0.0, due - time.time()))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
 
@@ -277,12 +280,6 @@ class Delivery:
             stats.count(o.outcome)
             events.publish("delivery", id=msg.id, recipient=o.recipient, outcome=o.outcome,
                            remote=o.remote, reply=o.reply[:300])
-            if o.outcome == "delivered":
-                self.delivered += 1
-            elif o.outcome == "bounced":
-                self.bounced += 1
-            else:
-                self.deferred += 1
             log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, _one_line(o.recipient), o.outcome,
                      o.remote or "-", _one_line(o.reply[:200]))
         if dsn is not None:
@@ -322,11 +319,8 @@ class Delivery:
         if hop:
             host, hop_port = parse_hostport(hop, default_port=25)
             host = host.strip("[]")
-            try:
-                ipaddress.ip_address(host)
+            if _is_ip(host):
                 return [Target(host, hop_port, host)]
-            except ValueError:
-                pass
             try:
                 addrs = await dns.resolve_addresses(host)
             except DnsTempError as exc:
@@ -473,6 +467,14 @@ class Delivery:
             self.pool.give(key, conn, uses)
         else:
             conn.close()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _one_line(value: object) -> str:

@@ -10,6 +10,7 @@ otherwise a change in the store is picked up within a second.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import gc
@@ -88,6 +89,7 @@ class Engine:
         self.policy = Policy(version=0, settings=Settings())
         self.draining = False
         self.sessions: dict[str, GuardSMTP] = {}
+        self.per_ip: collections.Counter[str] = collections.Counter()   # live sessions by client
         self.servers: list[tuple[ListenerSpec, asyncio.AbstractServer]] = []
         self.bound: list[dict[str, Any]] = []
         self.pipeline = Pipeline(default_checks())
@@ -102,7 +104,8 @@ class Engine:
         self._bg: list[asyncio.Task] = []
         self._lock_fd: int | None = None
         self.started_at = time.time()
-        self.counters = {"connections": 0, "accepted": 0, "store_errors": 0}
+        # Counted here only what Stats does not count (accepted mail is a Stats outcome).
+        self.counters = {"connections": 0, "store_errors": 0}
         self.events = EventBus()
         self.stats = Stats()
         self.control: ControlServer | None = None
@@ -271,7 +274,6 @@ class Engine:
             self.counters["store_errors"] += 1
             raise
         self.stats.commit_seconds.append(time.monotonic() - started)
-        self.counters["accepted"] += 1
         self.stats.count("accepted")
         self.stats.sender(msg.mail_from)
         self.events.publish("message", id=msg.id, mail_from=msg.mail_from,
@@ -282,11 +284,15 @@ class Engine:
 
     def session_opened(self, proto: GuardSMTP) -> None:
         self.sessions[proto.facts.connection_id] = proto
+        self.per_ip[proto.facts.peer_ip] += 1
         self.counters["connections"] += 1
         self.events.publish("connection", action="opened", **self._connection_row(proto))
 
     def session_closed(self, proto: GuardSMTP) -> None:
-        self.sessions.pop(proto.facts.connection_id, None)
+        if self.sessions.pop(proto.facts.connection_id, None) is not None:
+            self.per_ip[proto.facts.peer_ip] -= 1
+            if self.per_ip[proto.facts.peer_ip] <= 0:
+                del self.per_ip[proto.facts.peer_ip]
         self.events.publish("connection", action="closed", id=proto.facts.connection_id,
                             messages=proto.messages, rejected=proto.rejected)
         if self.writer is None:
@@ -321,7 +327,7 @@ class Engine:
                 "recipients": len(env.rcpt_tos) if env is not None else 0}
 
     def connections_from(self, ip: str) -> int:
-        return sum(1 for p in self.sessions.values() if p.facts.peer_ip == ip)
+        return self.per_ip[ip]
 
     def live_connections(self) -> list[dict]:
         return [self._connection_row(p) for p in list(self.sessions.values())]

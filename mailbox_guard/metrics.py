@@ -102,7 +102,8 @@ class MetricsServer:
                 head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
             writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
             await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
+        except (TimeoutError, ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+            # A scraper that was slow, went away or sent nonsense: nothing to answer.
+            log.debug("metrics request dropped: %s", type(exc).__name__)
         finally:
             writer.close()

@@ -329,6 +329,12 @@ def message_detail(conn: sqlite3.Connection, message_id: str) -> dict | None:
     return detail
 
 
+def find_detail(conn: sqlite3.Connection, key: str) -> dict | None:
+    """`message_detail` of a message named by queue id or Message-ID."""
+    found = find_message(conn, key)
+    return message_detail(conn, found) if found else None
+
+
 def verdict_trace(conn: sqlite3.Connection, message_id: str, connection_id: str | None) -> list[dict]:
     """Every result of every phase for one message: the connection's own results
     (connect, HELO) first, then the transaction's, in the order they happened."""

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import warnings
 from datetime import datetime
@@ -242,10 +243,12 @@ class GuardSMTP(SMTP):
             login, password = login_b.decode("utf-8"), password_b.decode("utf-8")
         except UnicodeDecodeError:
             login, password = login_b.decode("utf-8", "replace"), "\x00"
-        account = await engine.auth.login(login, password, self.facts.peer_ip)
+        normalised = normalise_login(login)
+        refused = engine.auth.refused(self.facts.peer_ip, normalised)
+        account = None if refused else await engine.auth.check_password(normalised, password)
         if account is not None:
             return self._auth_success(account, mechanism)
-        return await self._auth_failure(login, mechanism)
+        return await self._auth_failure(login, mechanism, counted=not refused)
 
     async def auth_SCRAM__SHA__256(self, _, args: list[str]) -> AuthResult:
         """SCRAM-SHA-256 (RFC 7677) with scramp: the server keeps only salted keys;
@@ -298,7 +301,6 @@ class GuardSMTP(SMTP):
             ok = False
         if not ok:
             return await self._auth_failure(raw_login, "SCRAM-SHA-256", counted=not refused)
-        engine.auth.succeeded(self.facts.peer_ip)
         # The server's proof goes in a last challenge; the client answers empty.
         if await self.challenge_auth(server.get_server_final()) is MISSING:
             return AuthResult(success=False, handled=True)
@@ -354,7 +356,6 @@ class GuardSMTP(SMTP):
         account = None if refused else await engine.auth.account(login)
         if account is None or (authzid and normalise_login(authzid) != account.name.lower()):
             return await self._auth_failure(principal, "GSSAPI", counted=not refused)
-        engine.auth.succeeded(self.facts.peer_ip)
         return self._auth_success(account, "GSSAPI")
 
     async def auth_CRAM__MD5(self, _, args: list[str]) -> AuthResult:
@@ -380,7 +381,6 @@ class GuardSMTP(SMTP):
                 and hmac.compare_digest(cram_md5.expected(secret, challenge).encode(), digest.encode()))
         if not good:
             return await self._auth_failure(raw_login or "?", "CRAM-MD5", counted=not refused)
-        engine.auth.succeeded(self.facts.peer_ip)
         return self._auth_success(account, "CRAM-MD5")
 
     async def auth_DIGEST__MD5(self, _, args: list[str]) -> AuthResult:
@@ -411,7 +411,6 @@ class GuardSMTP(SMTP):
             rspauth = digest_md5.verify(d, nonce=nonce, secret_hex=secret)
         if rspauth is None:
             return await self._auth_failure(raw_login, "DIGEST-MD5", counted=not refused)
-        engine.auth.succeeded(self.facts.peer_ip)
         if await self.challenge_auth(f"rspauth={rspauth}") is MISSING:
             return AuthResult(success=False, handled=True)
         return self._auth_success(account, "DIGEST-MD5")
@@ -430,8 +429,7 @@ class GuardSMTP(SMTP):
         engine = self.event_handler.engine
         now = time.time()
         shown = _printable(login, 128)       # the login only: never the password
-        if counted and mechanism not in ("PLAIN", "LOGIN"):
-            # (PLAIN and LOGIN were counted by AuthService.login)
+        if counted:
             await engine.auth.failed(self.facts.peer_ip, normalise_login(login))
         self.auth_failures += 1
         self.conn_trace.append(Verdict(next(self.seq), now, "auth", shown, "auth", "AUTH_FAILED", 0.0,
@@ -768,10 +766,11 @@ class Handler:
 
     async def handle_DATA(self, server: GuardSMTP, session, envelope) -> str:
         body: bytes = envelope.original_content
-        headers = _parse_headers(body)
+        raw_headers, complete = _header_section(body)      # found once, used twice
+        headers = _parse_headers(raw_headers)
         server.tx.size = len(body)
         server.tx.headers = headers
-        server.tx.raw_headers, server.tx.headers_complete = _header_section(body)
+        server.tx.raw_headers, server.tx.headers_complete = raw_headers, complete
         decision = await self.engine.pipeline.run(self._ctx(server, Phase.DATA))
         server.record(Phase.DATA, "", decision, into_tx=True)
         if decision.action is not Action.ACCEPT:
@@ -853,17 +852,11 @@ def _header_section(body: bytes) -> tuple[bytes, bool]:
     end = body.find(b"\r\n\r\n")
     if 0 <= end <= _HEADER_CAP:
         return body[:end + 2], True
-    if end < 0 and len(body) <= _HEADER_CAP and not body.strip(b"\r\n").count(b"\r\n\r\n"):
-        return body, False
     return body[:_HEADER_CAP], False
 
 
-def _parse_headers(body: bytes):
-    end = body.find(b"\r\n\r\n")
-    head = body if end < 0 else body[:end + 2]
-    if len(head) > 256 * 1024:
-        head = head[:256 * 1024]
-    return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+def _parse_headers(section: bytes):
+    return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
 
 
 def _message_id(headers) -> str | None:
@@ -957,12 +950,8 @@ class _Session(GuardSMTP):
             self.facts.connection_id = ""
             return
         sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                import socket as _s
-                sock.setsockopt(_s.IPPROTO_TCP, _s.TCP_NODELAY, 1)
-            except OSError:
-                pass        # not TCP (tests on UNIX sockets): nothing to tune
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._tls_facts(transport)           # an SMTPS listener: TLS from the first byte
         self.engine.session_opened(self)
         self.connect_task = asyncio.ensure_future(self._run_connect())

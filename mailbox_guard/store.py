@@ -223,7 +223,6 @@ class Writer:
         self._stop_checkpoints = threading.Event()
         self._conn: sqlite3.Connection | None = None
         self.commits = 0
-        self.jobs_done = 0
         self.failures = 0
 
     def start(self) -> "Writer":
@@ -331,7 +330,6 @@ class Writer:
             return
         self.commits += 1
         for job, result, error in outcomes:
-            self.jobs_done += 1
             if error is not None:
                 self.failures += 1
             if job.future is not None:

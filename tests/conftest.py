@@ -21,7 +21,6 @@ import pytest
 from aiosmtpd.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = bool(os.environ.get("CI"))
 
 
 def free_port() -> int:

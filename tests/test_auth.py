@@ -83,7 +83,7 @@ def test_swaks_auth(sub, sink, mechanism, tls):
     out = subprocess.run([swaks, "--server", f"127.0.0.1:{port}", tls, "--auth", mechanism,
                           "--auth-user", "alice@example.test", "--auth-password", PASSWORD,
                           "--from", "alice@example.test", "--to", "bob@example.test",
-                          "--header", f"From: alice@example.test", "--helo", "swaks.test"],
+                          "--header", "From: alice@example.test", "--helo", "swaks.test"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout[-2000:]
     assert "235 2.7.0" in out.stdout and "queued as" in out.stdout

@@ -5,7 +5,6 @@ command tree fails when a command is missing from this table."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

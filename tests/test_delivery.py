@@ -141,7 +141,7 @@ def test_bounce_is_never_bounced(routed, sink):
 
 
 def test_mx_routing_by_preference_with_fallback(gateway, sink):
-    dead = f"127.0.0.2"      # nothing listens there on the sink's port: connection refused
+    dead = "127.0.0.2"      # nothing listens there on the sink's port: connection refused
     zone = f"""
 $ORIGIN remote.test.
 $TTL 60

@@ -5,6 +5,7 @@ sqlite3; only smtp_server imports aiosmtpd. Checked in a fresh interpreter."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,15 @@ def test_engine_never_imports_operator_surfaces(module):
                                              "mailbox_guard.addresses", "mailbox_guard.config")])
 def test_checks_and_policy_import_no_smtp_library_and_no_sqlite(module):
     assert not imported_by(module) & {"aiosmtpd", "sqlite3", "_sqlite3", "aiosmtplib"}
+
+
+def test_no_engine_file_names_an_operator_surface():
+    """Textual check over every engine file, __main__ included: the engine reaches its
+    command line only through the installed entry point."""
+    pattern = re.compile(r"^\s*(from|import)\s+(cli|tui|typer|textual|rich)\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "mailbox_guard").rglob("*.py")
+                 if pattern.search(p.read_text())]
+    assert offenders == []
 
 
 def test_only_the_adapter_imports_aiosmtpd():

@@ -19,7 +19,7 @@ def messages_why(message: str = typer.Argument(..., help="Queue id or Message-ID
 
     Example: mailbox-guard messages why 1A230E0D1D10048A2195
     """
-    detail = read_store(lambda c: (lambda found: q.message_detail(c, found) if found else None)(q.find_message(c, message)))
+    detail = read_store(lambda c: q.find_detail(c, message))
     if detail is None:
         fail(f"no message {message} is known (finished messages are kept for queue.keep_done)")
     outcome = {"delivered": "delivered", "bounced": "returned to the sender", "hold": "on hold",

@@ -49,7 +49,7 @@ def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."
 
     Example: mailbox-guard queue show 1A230E0D1D10048A2195
     """
-    detail = read_store(lambda c: (lambda found: q.message_detail(c, found) if found else None)(q.find_message(c, message)))
+    detail = read_store(lambda c: q.find_detail(c, message))
     if detail is None:
         fail(f"no message {message} in the queue")
     if as_json:

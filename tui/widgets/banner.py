@@ -48,7 +48,7 @@ class EngineBanner(Static):
             return Text("connecting to the engine…")
         if state.running is False:
             text = Text(NOT_RUNNING)
-            text.append(f" (retrying every few seconds)\n", style="not bold")
+            text.append(" (retrying every few seconds)\n", style="not bold")
             text.append(state.reason[:200], style="not bold")
             if state.store_note:
                 text.append(f" · store: {state.store_note}", style="not bold")

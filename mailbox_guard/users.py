@@ -43,7 +43,7 @@ DEFAULT_POLICY = PasswordPolicy()
 
 
 def _common_passwords() -> frozenset[str]:
-    text = resources.files("mailbox_guard").joinpath("data/common-passwords.txt").read_text()
+    text = resources.files("mailbox_guard").joinpath("data/common-passwords.txt").read_text(encoding="utf-8")
     return frozenset(line.strip().lower() for line in text.splitlines() if line.strip())
 
 

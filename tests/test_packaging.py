@@ -1,11 +1,14 @@
-"""The one-file distribution: ``packaging/build-pyz`` builds ``mailbox-guard.pyz``
-(shiv), and the archive runs with an interpreter that has only the standard
-library: ``serve`` relays a message to a sink, ``status --json`` reports on it,
-``tui --help`` answers. Plus the archive's contents, its compiled modules under
-the kernel's W^X rule, and the systemd unit.
+"""The built artefacts, run as an admin runs them. ``packaging/build-pyz`` builds
+``mailbox-guard.pyz`` (shiv), and the archive runs with an interpreter that has
+only the standard library: ``serve`` relays a message to a sink, ``status --json``
+reports on it, ``tui --help`` answers. The project's wheel (what ``pip install .``
+installs) and the archive, each run by Debian's ``/usr/bin/python3`` in a clean
+environment, add a user who then logs in: every data file the code opens
+(``schema.sql``, the list of common passwords) is inside. Plus the archive's
+contents, its compiled modules under the kernel's W^X rule, and the systemd unit.
 
-The archive is built once per session (10-15 s with a warm pip cache); set
-``MAILBOX_GUARD_PYZ=path`` to test a prebuilt one instead.
+The archive and the wheel are built once per session (10-15 s each with a warm pip
+cache); set ``MAILBOX_GUARD_PYZ=path`` to test a prebuilt archive instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 import signal
 import smtplib
+import ssl
 import subprocess
 import sys
 import zipfile
@@ -27,6 +31,7 @@ from tests.conftest import ROOT, free_port, make_message, wait_for_banner
 pytestmark = pytest.mark.timeout(600)
 
 UNIT = ROOT / "packaging" / "mailbox-guard.service"
+SYSTEM_PYTHON = "/usr/bin/python3"       # Debian's, the unit's ExecStart
 LEFT_OUT = ("aiohttp", "requests", "pip")
 COMPILED = ("argon2", "_argon2_cffi_bindings", "_cffi_backend", "uvloop", "pydantic_core", "maxminddb")
 
@@ -54,6 +59,38 @@ def bare_python() -> str:
     return python
 
 
+@pytest.fixture(scope="session")
+def system_python() -> str:
+    assert os.access(SYSTEM_PYTHON, os.X_OK), f"{SYSTEM_PYTHON} is required (Debian: python3)"
+    return SYSTEM_PYTHON
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory, system_python) -> Path:
+    """The project as ``pip install .`` installs it, into a fresh venv of
+    /usr/bin/python3 (no system site-packages, no pip inside); its dependencies come
+    from the package index. Returns the venv's ``bin``."""
+    work = tmp_path_factory.mktemp("wheel")
+    # A copy of the checkout: pip builds in the source folder, and a stale build/
+    # there could hide a file the wheel misses.
+    source = work / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "mailbox-guard-data"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+
+    def run(cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+
+    run([*pip, "wheel", "--no-deps", "--quiet", "--wheel-dir", str(work / "dist"), str(source)])
+    (wheel,) = (work / "dist").glob("mailbox_guard-*.whl")
+    venv = work / "venv"
+    run([system_python, "-m", "venv", "--without-pip", str(venv)])
+    run([*pip, "--python", str(venv / "bin" / "python"), "install", "--quiet", "--no-compile", str(wheel)])
+    return venv / "bin"
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """What a fresh login on a machine with only python3 has: no PYTHON*, no SHIV_*."""
     home.mkdir(parents=True, exist_ok=True)
@@ -70,10 +107,10 @@ def test_archive_holds_the_runtime_schema_and_css_and_not_the_unused_clients(pyz
     assert environment["entry_point"] == "cli.app:main"
     assert schema == (ROOT / "schema.sql").read_bytes()
 
-    # Every module, stylesheet and subpackage of ours (tui.screens, ...).
+    # Every module, data file and subpackage of ours (tui.screens, mailbox_guard/data, ...).
     ours = [p.relative_to(ROOT).as_posix() for top in ("mailbox_guard", "cli", "tui")
-            for p in (ROOT / top).rglob("*") if p.suffix in (".py", ".tcss") and "__pycache__" not in p.parts]
-    assert ours
+            for p in (ROOT / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert "mailbox_guard/data/common-passwords.txt" in ours
     assert [f for f in ours if f"site-packages/{f}" not in names] == []
 
     top = {n.split("/")[1] for n in names if n.startswith("site-packages/") and n.count("/") >= 2}
@@ -157,6 +194,82 @@ def test_pyz_serves_relays_reports_status_and_stops_cleanly(pyz, bare_python, si
             code = engine.wait()
     assert code == 0, log_path.read_text(errors="replace")
     assert "stopped cleanly" in log_path.read_text(errors="replace")
+
+
+# ----------------------------------------------------------------------------- first user, wheel and pyz
+PASSWORD = "Corr3ct-Horse-Battery"
+
+
+def insecure() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE       # the engine's first-start self-signed certificate
+    return ctx
+
+
+def add_a_user_who_then_logs_in(command: list[str], env: dict[str, str], tmp_path: Path) -> None:
+    """An admin's first steps with a fresh install: a domain, a user (the password
+    policy reads the shipped list of common passwords), the engine, a login."""
+    state = tmp_path / "state"
+
+    def cli(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*command, "--home", str(state), *args], input=stdin, env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert (proc.returncode == 0) is ok, f"mailbox-guard {' '.join(args)} -> {proc.returncode}\n{proc.stderr}"
+        return proc
+
+    cli("domains", "add", "example.test", "--next-hop", "127.0.0.1:9")
+    cli("config", "set", "dns.nameservers", "127.0.0.1:9")      # never the system resolver in tests
+    assert "added alice@example.test" in cli("users", "add", "alice@example.test", "--password-stdin",
+                                             stdin=PASSWORD + "\n").stdout
+    common = cli("users", "add", "bob@example.test", "--password-stdin", stdin="Welcome2024!\n", ok=False)
+    assert common.returncode == 1
+    assert common.stderr.strip().splitlines() == [
+        "mailbox-guard: password is on the list of common passwords (policy *)"]
+
+    inbound, submission = free_port(), free_port()
+    log_path = tmp_path / "engine.log"
+    with open(log_path, "wb") as log:
+        engine = subprocess.Popen([*command, "--home", str(state), "serve", "--inbound", f"127.0.0.1:{inbound}",
+                                   "--submission", f"127.0.0.1:{submission}"],
+                                  env=dict(env, PYTHONUNBUFFERED="1"), cwd=tmp_path, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        try:
+            wait_for_banner(submission, timeout=30, proc=engine)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}\n--- engine log ---\n{log_path.read_text(errors='replace')}") from None
+        with smtplib.SMTP("127.0.0.1", submission, local_hostname="client.test", timeout=10) as s:
+            s.starttls(context=insecure())
+            s.ehlo()
+            s.user, s.password = "alice@example.test", "Wr0ng-Horse-Battery"
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                s.auth("PLAIN", s.auth_plain)
+            assert refused.value.smtp_code == 535
+            s.password = PASSWORD
+            assert s.auth("PLAIN", s.auth_plain)[0] == 235
+            assert s.docmd("MAIL", "FROM:<alice@example.test>")[0] == 250
+    finally:
+        if engine.poll() is None:
+            engine.send_signal(signal.SIGTERM)
+        try:
+            code = engine.wait(60)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            code = engine.wait()
+    assert code == 0, log_path.read_text(errors="replace")
+
+
+def test_the_installed_wheel_adds_a_user_who_then_logs_in(installed_wheel, tmp_path):
+    add_a_user_who_then_logs_in([str(installed_wheel / "mailbox-guard")], clean_env(tmp_path / "login"), tmp_path)
+
+
+def test_the_pyz_run_by_the_system_python_adds_a_user_who_then_logs_in(pyz, system_python, tmp_path):
+    version = subprocess.run([system_python, "-I", "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == str(sys.version_info[:2]), f"{system_python} is {version}: the archive is built for this one"
+    # As the unit runs it: -I, but with Debian's own site-packages on the path.
+    add_a_user_who_then_logs_in([system_python, "-I", str(pyz)], clean_env(tmp_path / "login"), tmp_path)
 
 
 # ----------------------------------------------------------------------------- the unit's interpreter

@@ -1,7 +1,7 @@
 """TLS for every listener: server contexts (TLS 1.2 minimum, forward-secret AEAD
 ciphers only), certificates kept in ``HOME/tls/``, a self-signed certificate made on
-first start when none is installed, and reload without restart (each context is
-refreshed in place when its files change; the next handshake uses the new one).
+first start when none is installed, and reload without restart (a new context is
+built when a listener's files change; the next handshake uses it).
 
 Certificates: ``HOME/tls/<listener>.crt`` + ``.key`` for one listener, else
 ``HOME/tls/default.crt`` + ``.key`` for all of them.
@@ -127,7 +127,8 @@ def install(home: Path, cert_file: Path, key_file: Path, listener: str | None = 
 
 
 class TlsManager:
-    """One context per listener, refreshed in place when its files change."""
+    """One context per listener, cached (``context`` runs per connection) and replaced
+    by a fresh one when its files change."""
 
     def __init__(self, home: Path, hostname: str) -> None:
         self.folder = home / TLS_DIR
@@ -152,30 +153,49 @@ class TlsManager:
                         self.hostname, cert)
 
     def context(self, listener: str) -> ssl.SSLContext:
+        """The current context of a listener (a dict look-up once built)."""
         ctx = self._contexts.get(listener)
         if ctx is None:
             cert, key = self.files(listener)
-            ctx = self._contexts[listener] = server_context(cert, key)
-            self._stamps[listener] = self._stamp(cert, key)
+            stamp = self._stamp(cert, key)
+            ctx = self._contexts[listener] = self._build(listener, cert, key)
+            self._stamps[listener] = stamp
         return ctx
+
+    def _build(self, listener: str, cert: Path, key: Path) -> ssl.SSLContext:
+        # Always a new context: load_cert_chain into a used one fills the slot of the
+        # new key's type only, so an RSA certificate would sit beside the old ECDSA one
+        # and every client that offers ECDSA would still get the old certificate.
+        ctx = server_context(cert, key)
+        # A context handed out earlier (an SMTPS server keeps the one it started
+        # with) switches each handshake over to the listener's current context.
+        ctx.sni_callback = lambda conn, _name, _ctx: self._switch(listener, conn)
+        return ctx
+
+    def _switch(self, listener: str, conn: ssl.SSLObject) -> None:
+        current = self._contexts.get(listener)
+        if current is not None and conn.context is not current:
+            conn.context = current
 
     @staticmethod
     def _stamp(cert: Path, key: Path) -> tuple:
+        # The inode too: `install` renames new files in, and an mtime alone may repeat.
         try:
-            return (str(cert), cert.stat().st_mtime_ns, key.stat().st_mtime_ns)
+            c, k = cert.stat(), key.stat()
+            return (str(cert), c.st_ino, c.st_mtime_ns, k.st_ino, k.st_mtime_ns)
         except OSError:
-            return (str(cert), None, None)
+            return (str(cert), None)
 
     def refresh(self) -> list[str]:
-        """Reload contexts whose files changed; a broken new pair keeps the old one."""
+        """Rebuild contexts whose files changed; a broken new pair keeps the old one."""
         changed = []
-        for listener, ctx in self._contexts.items():
+        for listener in list(self._contexts):
             cert, key = self.files(listener)
             stamp = self._stamp(cert, key)
             if stamp == self._stamps.get(listener):
                 continue
             try:
-                load_chain(ctx, cert, key)
+                self._contexts[listener] = self._build(listener, cert, key)
             except TlsError as exc:
                 log.error("TLS reload for %s failed, keeping the previous certificate: %s", listener, exc)
             else:

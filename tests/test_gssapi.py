@@ -1,6 +1,6 @@
 """GSSAPI against a real MIT Kerberos KDC started on loopback: a ticket for
 alice@EXAMPLE.TEST logs in as alice@example.test over STARTTLS; without a keytab
-GSSAPI is not offered and `status` says why."""
+GSSAPI is not offered and `status` says why; a file that is not a keytab is refused."""
 
 from __future__ import annotations
 
@@ -103,3 +103,16 @@ def test_without_keytab_gssapi_is_not_offered_and_status_says_why(gateway):
         s.ehlo()
         assert "GSSAPI" not in s.esmtp_features.get("auth", "")
         assert s.docmd("AUTH", "GSSAPI")[0] == 504
+
+
+@pytest.mark.parametrize("content", [b"", b"smtp/gw.test@EXAMPLE.TEST secret\n", b"\x05\x02",
+                                     b"\x05\x02\x00\x00\x00\x40short", b"\x05\x02\xff\xff\xff\xf8" + bytes(8)],
+                         ids=["empty", "text", "no-keys", "truncated", "only-a-hole"])
+def test_a_file_that_is_not_a_keytab_is_refused(gateway, content):
+    bogus = gateway.home.parent / "bogus.keytab"
+    bogus.write_bytes(content)
+    out = gateway.cli("auth", "gssapi", "--keytab", str(bogus), "--principal", SERVICE, check=False)
+    assert out.returncode == 1, out
+    assert len(out.stderr.strip().splitlines()) == 1 and "keytab" in out.stderr and "Traceback" not in out.stderr
+    assert not (gateway.home / "gssapi.keytab").exists()
+    assert "smtp/gw.test" not in gateway.cli("config", "show", "--json").stdout

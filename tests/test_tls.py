@@ -1,7 +1,8 @@
 """TLS on every listener with a throwaway CA (trustme): certificates verified by the
 client, TLS 1.0/1.1 refused, nothing pipelined before STARTTLS runs after it, a new
-certificate is used by the next connection without a restart, SMTPS from the first
-byte, and TLS facts in the verdict trace."""
+certificate (RSA or ECDSA, over STARTTLS and SMTPS) is used by the next connection
+without a restart, SMTPS from the first byte, TLS facts in the verdict trace, and a
+certificate for a listener that does not exist is refused."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def ca():
     return trustme.CA()
 
 
-def install(gw, ca, name: str = "gw.test", listener: str | None = None):
-    cert = ca.issue_cert(name)
+def install(gw, ca, name: str = "gw.test", listener: str | None = None, check: bool = True,
+            key_type: trustme.KeyType = trustme.KeyType.ECDSA):
+    """`tls install` of a new certificate from ``ca``; returns the CLI's result and the
+    certificate (DER) a client should now be served."""
+    cert = ca.issue_cert(name, key_type=key_type)
     folder = gw.home.parent
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
@@ -41,7 +45,7 @@ def install(gw, ca, name: str = "gw.test", listener: str | None = None):
     args = ["tls", "install", "--cert", str(cert_path), "--key", str(key_path)]
     if listener:
         args += ["--listener", listener]
-    gw.cli(*args)
+    return gw.cli(*args, check=check), ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
 
 
 def client_context(ca) -> ssl.SSLContext:
@@ -142,6 +146,50 @@ def test_new_certificate_is_used_by_the_next_connection(tls_gw, ca):
     install(tls_gw, ca, name="renewed.test")
     tls_gw.wait_until(lambda: served_name() == "renewed.test", timeout=5, what="reload")
     assert tls_gw.proc.poll() is None
+
+
+def served_certificate(port: int, starttls: bool) -> bytes:
+    """The certificate (DER) a client that offers both ECDSA and RSA, as every modern
+    one does, is served."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE        # the self-signed one must be readable too
+    if starttls:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.ehlo()
+            s.starttls(context=ctx)
+            return s.sock.getpeercert(binary_form=True)
+    with smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=ctx) as s:
+        return s.sock.getpeercert(binary_form=True)
+
+
+@pytest.mark.parametrize("starttls", [True, False], ids=["starttls", "smtps"])
+def test_rsa_and_ecdsa_certificates_replace_each_other_on_a_running_engine(gateway, ca, starttls):
+    # Started on the self-signed ECDSA certificate, as a new install is; an RSA one
+    # loaded beside it used to leave the old ECDSA one served to ECDSA-capable clients.
+    gateway.smtps_port = free_port()
+    gateway.start("--smtps", f"127.0.0.1:{gateway.smtps_port}")
+    port = gateway.port if starttls else gateway.smtps_port
+    served = [served_certificate(port, starttls)]
+    for key_type, name in ((trustme.KeyType.RSA, "rsa.test"), (trustme.KeyType.ECDSA, "ec.test"),
+                           (trustme.KeyType.RSA, "rsa-again.test")):
+        _, want = install(gateway, ca, name, key_type=key_type)
+        gateway.wait_until(lambda: served_certificate(port, starttls) == want, timeout=5,
+                           what=f"{name} served")
+        served.append(want)
+    assert len(set(served)) == 4 and gateway.proc.poll() is None
+
+
+def test_a_certificate_for_a_listener_that_does_not_exist_is_refused(gateway, ca):
+    out, _ = install(gateway, ca, listener="submision", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "no listener named submision" in out.stderr
+    assert not list((gateway.home / "tls").glob("submision*"))
+    # Listeners that do exist: the defaults, those `serve --smtps` makes, those in the store.
+    gateway.cli("listeners", "add", "mx", "inbound", "127.0.0.1:2526")
+    for listener in ("submission", "smtps", "mx"):
+        install(gateway, ca, listener=listener)
+        assert (gateway.home / "tls" / f"{listener}.crt").exists()
 
 
 def test_tls_facts_are_in_the_verdict_trace(tls_gw, ca, sink):

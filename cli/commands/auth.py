@@ -55,5 +55,7 @@ def auth_gssapi(keytab: Path = typer.Option(..., "--keytab", metavar="FILE", hel
         install_keytab(state.home, keytab)
     except OSError as exc:
         fail(f"cannot install {keytab}: {exc.strerror}")
+    except ValueError as exc:
+        fail(f"{keytab}: {exc}")
     guarded(lambda: st.set_setting("auth.gssapi_principal", principal))
     typer.echo(f"GSSAPI keytab installed for {principal}; `mailbox-guard status` tells whether it is offered")

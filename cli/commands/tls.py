@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, emit_json, fail, guarded, state
+from cli.common import JSON, emit, emit_json, fail, guarded, state, store
 from mailbox_guard.store import ensure_home
 
 app = typer.Typer(help="TLS certificates of the listeners.\n\n"
@@ -28,6 +29,8 @@ def tls_install(cert: Path = typer.Option(..., "--cert", metavar="FILE", help="C
     """
     from mailbox_guard.tls import TlsError, install
     guarded(lambda: ensure_home(state.home))
+    if listener is not None:
+        _known_listener(listener)
     try:
         info = install(state.home, cert, key, listener)
     except TlsError as exc:
@@ -36,6 +39,16 @@ def tls_install(cert: Path = typer.Option(..., "--cert", metavar="FILE", help="C
         emit_json(asdict(info))
     else:
         typer.echo(f"installed for {info.name}: {info.subject}, valid until {info.not_after}")
+
+
+def _known_listener(name: str) -> None:
+    """A certificate for a name no listener has would never be served: refuse it."""
+    from mailbox_guard.engine import DEFAULT_LISTENERS
+    names = {r["name"] for r in guarded(lambda: store().listeners())} | {n for n, *_ in DEFAULT_LISTENERS}
+    # `serve --inbound/--submission/--smtps` name their listeners KIND, KIND2, KIND3...
+    if name not in names and not re.fullmatch(r"(inbound|submission|smtps)([2-9]|[1-9][0-9]+)?", name):
+        fail(f"no listener named {name} (known: {', '.join(sorted(names | {'smtps'}))}; "
+             "see `mailbox-guard listeners list`)")
 
 
 @app.command("show")

@@ -74,6 +74,25 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     return host, int(port_text)
 
 
+def check_host(host: str) -> str:
+    """A host as an admin gives it: an IP address (dotted digits must be a valid IPv4
+    address, anything with a colon a valid IPv6 one) or a host name; returned as given
+    (lower-cased). Raises :class:`SettingError` naming what is wrong."""
+    text = str(host).strip()
+    if ":" in text or re.fullmatch(r"[0-9.]+", text):
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise SettingError(f"not an IP address: {text!r}") from None
+    return _hostname(text)
+
+
+def parse_endpoint(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """:func:`parse_hostport` with the host checked by :func:`check_host`."""
+    host, port = parse_hostport(text, default_port=default_port)
+    return check_host(host), port
+
+
 def _int(lo: int, hi: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -147,6 +166,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "Received: headers a message may carry; more is a mail loop (554 5.4.6)."),
     Setting("smtp.timeout", "300s", _float_range(1, 3600),
             "Idle time allowed between client commands or data chunks (RFC 5321: 5 minutes)."),
+    Setting("smtp.tls_handshake_timeout", "10s", _float_range(1, 300),
+            "Time allowed for a TLS handshake (STARTTLS or SMTPS); then the connection is closed."),
     Setting("smtp.soft_error_limit", "10", _int(1, 1000),
             "After this many error replies in a session, each further reply is delayed."),
     Setting("smtp.hard_error_limit", "20", _int(1, 1000),
@@ -157,8 +178,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "AUTH failures in one session before it is closed with 421."),
     Setting("auth.ban_after", "10", _int(0, 100000),
             "AUTH failures from one client address within auth.ban_window before a ban (0: never)."),
-    Setting("auth.user_ban_after", "20", _int(0, 100000),
-            "AUTH failures for one user within auth.ban_window before the user is locked (0: never)."),
+    Setting("auth.net_ban_after", "30", _int(0, 100000),
+            "AUTH failures from one network (/24, /64) within auth.ban_window before it is banned (0: never)."),
+    Setting("auth.penalty_after", "5", _int(0, 100000),
+            "AUTH failures for one login within auth.ban_window after which addresses it never "
+            "logged in from wait before each try (doubling up to auth.penalty_max; 0: never). No account is locked."),
+    Setting("auth.penalty_max", "15s", _float_range(0, 300),
+            "Longest wait imposed on a try for a login under attack."),
     Setting("auth.ban_window", "1h", _float_range(1, 30 * 86400),
             "Window in which AUTH failures are counted."),
     Setting("auth.ban_time", "1h", _float_range(1, 365 * 86400),

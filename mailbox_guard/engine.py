@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import queue as q
+from . import replies
 from .auth import AuthService
 from .checks.connect_network import TrustedNetwork
 from .checks.rcpt_recipients import RecipientList
@@ -38,7 +39,7 @@ from .dns import DnsCache
 from .events import EventBus, Stats
 from .pipeline import Pipeline
 from .policy import Policy
-from .smtp_server import GuardSMTP, Handler, assert_hooks, make_protocol
+from .smtp_server import GuardSMTP, Handler, ImplicitTlsServer, assert_hooks, make_protocol
 from .tls import TlsError, TlsManager
 from .store import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home
 
@@ -193,15 +194,16 @@ class Engine:
             handler = Handler(self, spec.name, spec.kind, spec)
             assert_hooks(handler)
             try:
-                # STARTTLS listeners get their context per connection (make_protocol);
-                # an SMTPS listener wraps every connection from the first byte.
-                implicit = self.tls.context(spec.name) if spec.kind == "smtps" else None
-                if spec.kind != "smtps":
-                    self.tls.context(spec.name)     # fail early on a bad certificate
-                server = await loop.create_server(
-                    lambda h=handler: make_protocol(self, h), spec.host, spec.port,
-                    reuse_address=True, backlog=1024, ssl=implicit,
-                    ssl_handshake_timeout=30 if implicit else None)
+                # Every connection gets its TLS context when it arrives (a new
+                # certificate is used at once); SMTPS accepts by itself, so that a
+                # connection in its handshake counts against the limits.
+                self.tls.context(spec.name)     # fail early on a bad certificate
+                if spec.kind == "smtps":
+                    server = await ImplicitTlsServer.start(self, handler, spec.host, spec.port)
+                else:
+                    server = await loop.create_server(
+                        lambda h=handler: make_protocol(self, h), spec.host, spec.port,
+                        reuse_address=True, backlog=1024)
             except TlsError as exc:
                 await self._close_servers()
                 raise StoreError(str(exc)) from None
@@ -334,10 +336,9 @@ class Engine:
 
     def kill_connection(self, connection_id: str) -> bool:
         proto = self.sessions.get(connection_id)
-        if proto is None or proto.transport is None:
+        if proto is None:
             return False
-        proto.transport.write(f"421 4.7.0 {proto.hostname} Connection closed by the administrator\r\n".encode())
-        proto.transport.close()
+        proto.close_with(replies.S421_KILLED.format(hostname=proto.hostname))
         log.info("conn=%s killed by the administrator", connection_id)
         return True
 
@@ -396,15 +397,13 @@ class Engine:
         # Sessions between transactions are told to come back later; sessions in a
         # transaction get engine.drain_timeout to finish it.
         for proto in list(self.sessions.values()):
-            if not proto.envelope.mail_from and proto.phase != "data" and proto.transport:
-                proto.transport.write(f"421 4.3.2 {proto.hostname} Service shutting down\r\n".encode())
-                proto.transport.close()
+            if proto.idle():
+                proto.close_with(replies.S421_SHUTTING_DOWN.format(hostname=proto.hostname))
         deadline = time.monotonic() + self.policy.settings["engine.drain_timeout"]
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for proto in list(self.sessions.values()):
-            if proto.transport:
-                proto.transport.close()
+            proto.close_with(replies.S421_SHUTTING_DOWN.format(hostname=proto.hostname))
         await asyncio.sleep(0)
         self.servers = []
         if self.control is not None:

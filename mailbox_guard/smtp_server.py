@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from base64 import b64decode, b64encode
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
 
 from . import replies
 from .addresses import Path, PathError, parse_path, split_path
@@ -62,6 +62,9 @@ def _has_long_line(data: bytes) -> bool:
 _AUTH_LINE_LIMIT = 12288          # RFC 4954 (Kerberos tickets in AUTH GSSAPI)
 _CONN_IDS = itertools.count(1)
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+# AUTH's argument: a mechanism name and perhaps an initial response, printable ASCII
+# (anything else, a Unicode space or a control character, is a syntax error).
+_AUTH_ARG = re.compile(r"[!-~]+(?: [!-~]+)?")
 # RFC 4954 advertisement order asked for by admins' clients; only those implemented
 # and enabled appear.
 AUTH_ORDER = ("CRAM-MD5", "LOGIN", "PLAIN", "DIGEST-MD5", "GSSAPI", "SCRAM-SHA-256")
@@ -111,10 +114,10 @@ class GuardSMTP(SMTP):
         self.path_error: str | None = None
         self.phase = "connect"
         self.connect_task: asyncio.Task | None = None
-        self.closing = False
         self._out: list[bytes] = []
         self.trace_truncated = False
         self.auth_failures = 0
+        self.released = False          # taken out of the engine's table (exactly once)
 
     # ----------------------------------------------------------- transaction state
     def _set_post_data_state(self) -> None:
@@ -155,6 +158,17 @@ class GuardSMTP(SMTP):
                 "reject", connection=self.facts.connection_id, peer_ip=self.facts.peer_ip,
                 phase=phase.value, subject=subject, check=d.check if d else None,
                 symbol=d.symbol if d else None, reply=decision.reply)
+            self._log_reject(phase, decision.reply)
+
+    def _log_reject(self, phase: Phase, reply: str | None) -> None:
+        """Postfix's NOQUEUE line, so that an admin's habits and fail2ban-style tools
+        find every refused command by client address."""
+        facts = self.facts
+        log.info("NOQUEUE: reject: %s from unknown[%s]: %s; from=<%s> to=<%s> proto=%s helo=<%s> conn=%s",
+                 phase.value.upper(), facts.peer_ip, _printable(reply or "", 300),
+                 _printable(self.tx.mail_from or ""),
+                 _printable(self.last_path.address if phase is Phase.RCPT and self.last_path else ""),
+                 "ESMTP" if facts.esmtp else "SMTP", _printable(facts.helo or "", 128), facts.connection_id)
 
     # ----------------------------------------------------------- address parsing
     def _getaddr(self, arg: str):
@@ -180,7 +194,73 @@ class GuardSMTP(SMTP):
         self.command_size_limits["AUTH"] = _AUTH_LINE_LIMIT
         await super().smtp_EHLO(hostname)
 
+    # ----------------------------------------------------------- STARTTLS
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """STARTTLS through the loop's own start_tls (aiosmtpd's builds an SSLProtocol
+        by hand, which never reports a connection lost during the handshake: every
+        failed or abandoned handshake left a session behind for good)."""
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self._tls_protocol is not None:
+            await self.push("554 5.5.1 Error: TLS already active")
+            return
+        if not self.tls_context:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        raw = self.transport
+        # RFC 3207 4.2: what the client pipelined in plain text behind STARTTLS is
+        # discarded, never run after the handshake.
+        self._reader._buffer.clear()             # type: ignore[attr-defined]
+        self.phase = "starttls"
+        tls = await self._handshake(raw, self.tls_context)
+        self._original_transport = raw           # aiosmtpd closes it with the session
+        self._reader._transport = tls            # type: ignore[attr-defined]
+        self._writer._transport = tls            # type: ignore[attr-defined]
+        self.transport = tls
+        self._reader._buffer.clear()             # type: ignore[attr-defined]
+        # A new SMTP session over TLS (RFC 3207 4.2): forget the EHLO and all state.
+        peer = self.session.peer
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = peer
+        self.session.ssl = self._ssl_info(tls)
+        self._out.clear()
+        self._tls_facts(tls)
+        self._reset_timeout()
+
+    async def _handshake(self, raw: asyncio.BaseTransport, context) -> asyncio.BaseTransport:
+        """The server side of a TLS handshake within ``smtp.tls_handshake_timeout``;
+        TLSSetupException when it fails, times out or the client goes away."""
+        deadline = self.event_handler.engine.policy.settings["smtp.tls_handshake_timeout"]
+        try:
+            async with asyncio.timeout(deadline + 1):
+                tls = await self.loop.start_tls(raw, self, context, server_side=True,
+                                                ssl_handshake_timeout=deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:        # whatever the handshake raised: the client's failure
+            raise TLSSetupException() from exc
+        if tls is None or tls.is_closing():
+            raise TLSSetupException() from ConnectionResetError("closed during the TLS handshake")
+        self._tls_protocol = tls        # aiosmtpd's "TLS is on" flag (STARTTLS offer, AUTH)
+        return tls
+
+    @staticmethod
+    def _ssl_info(tls: asyncio.BaseTransport) -> dict:
+        return {key: tls.get_extra_info(key) for key in ("cipher", "peercert", "sslcontext")}
+
     # ----------------------------------------------------------- AUTH
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        # aiosmtpd splits the argument on Unicode whitespace and fails on what is
+        # left (an IndexError for "AUTH \x85"): refuse anything but printable ASCII.
+        if arg is not None and not _AUTH_ARG.fullmatch(arg):
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        await super().smtp_AUTH(arg)
+
     # PLAIN and LOGIN replace aiosmtpd's own, whose check runs synchronously (an
     # argon2 verification would stall every session); ours awaits the engine's
     # AuthService, which verifies in a thread. aiosmtpd offers them only after TLS.
@@ -505,8 +585,29 @@ class GuardSMTP(SMTP):
             raise ConnectionResetError("client stopped reading") from None
 
     def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        for transport in (self.transport, self._original_transport):
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+    def _tls_failed(self, error: BaseException) -> None:
+        cause = error.__cause__ or error
+        log.info("conn=%s TLS handshake failed from [%s]: %s", self.facts.connection_id, self.facts.peer_ip,
+                 _printable(str(cause) or type(cause).__name__, 200))
+        self._abort()
+
+    def idle(self) -> bool:
+        """Between transactions (or not yet talking SMTP): may be told to go at once."""
+        return self.envelope is None or (not self.envelope.mail_from and self.phase != "data")
+
+    def close_with(self, line: str) -> None:
+        """Say one last line (421 ...) if the client can still hear it, and close."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._abort()           # nothing to say it on: drop what is left
+            self.release()
+            return
+        transport.write(line.encode("ascii", "replace") + b"\r\n")
+        transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
         return await self.event_handler.handle_exception(error)
@@ -524,7 +625,18 @@ class GuardSMTP(SMTP):
 
     # ----------------------------------------------------------- the command loop
     async def _handle_client(self) -> None:
-        """aiosmtpd's loop, stricter: CRLF only, counted errors, drain-aware."""
+        """aiosmtpd's loop, stricter: CRLF only, counted errors, drain-aware. When it
+        ends, for whatever reason, the session leaves the engine's table."""
+        try:
+            await self._command_loop()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Out of the engine's connection table, exactly once (a hook for subclasses)."""
+        self.released = True
+
+    async def _command_loop(self) -> None:
         await self.push(replies.S220_BANNER.format(hostname=self.hostname))
         reader = self._reader
         while self.transport is not None:
@@ -595,10 +707,7 @@ class GuardSMTP(SMTP):
             except TLSSetupException as error:
                 # A failed handshake is the client's business (scanners do it all day):
                 # one line in the log, no traceback, and the connection goes.
-                log.info("conn=%s TLS handshake failed: %s", self.facts.connection_id,
-                         _printable(str(error.__cause__ or error), 200))
-                if self.transport is not None:
-                    self.transport.close()
+                self._tls_failed(error)
                 return
             except Exception as error:
                 status = await self.handle_exception(error)
@@ -867,14 +976,19 @@ def _message_id(headers) -> str | None:
 
 
 class Refuse(asyncio.Protocol):
-    """Answers one line and closes: connection-level refusals before any SMTP
-    object is built (draining now; access rules and flow control later)."""
+    """Answers one line (none on an SMTPS port, where the client expects TLS) and
+    closes: connection-level refusals before any SMTP object is built (draining now;
+    access rules and flow control later)."""
 
-    def __init__(self, reply: str) -> None:
+    def __init__(self, reply: str | None, why: str) -> None:
         self.reply = reply
+        self.why = why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.write(self.reply.encode("ascii") + b"\r\n")   # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername") or ("?",)
+        log.info("refused connection from [%s]: %s", peer[0], self.why)
+        if self.reply is not None:
+            transport.write(self.reply.encode("ascii") + b"\r\n")   # type: ignore[attr-defined]
         transport.close()
 
 
@@ -882,21 +996,24 @@ def make_protocol(engine: "Engine", handler: Handler) -> asyncio.Protocol:
     """The protocol factory of a listener: refusals first, then a GuardSMTP."""
     settings = engine.policy.settings
     hostname = settings["smtp.hostname"]
+    plain = handler.kind != "smtps"
     if engine.draining:
-        return Refuse(replies.S421_SHUTTING_DOWN.format(hostname=hostname))
+        return Refuse(replies.S421_SHUTTING_DOWN.format(hostname=hostname) if plain else None, "shutting down")
     if len(engine.sessions) >= settings["smtp.max_connections"]:
-        return Refuse(replies.S421_TOO_MANY_CONNECTIONS.format(hostname=hostname))
+        return Refuse(replies.S421_TOO_MANY_CONNECTIONS.format(hostname=hostname) if plain else None,
+                      "too many connections in all")
     return _Session(engine, handler)
 
 
 class _Session(GuardSMTP):
-    """GuardSMTP bound to the engine's live connection table."""
+    """GuardSMTP bound to the engine's live connection table: a connection is in the
+    table from accept to close, TLS handshake included, and leaves it exactly once
+    (:meth:`release`) however it ends."""
 
     def __init__(self, engine: "Engine", handler: Handler) -> None:
         settings = engine.policy.settings
         facts = SessionFacts(connection_id="", listener=handler.listener,
                              listener_kind=handler.kind, peer_ip="", peer_port=0)
-        starttls = engine.tls.context(handler.listener) if handler.kind != "smtps" else None
         # Submission and SMTPS: AUTH before MAIL. Inbound (MX): no AUTH at all.
         # aiosmtpd knows TLS only as STARTTLS: on SMTPS the whole connection is TLS,
         # so its "AUTH only after STARTTLS" rule is lifted there (and its warning
@@ -906,12 +1023,16 @@ class _Session(GuardSMTP):
             super().__init__(handler, facts=facts, data_size_limit=settings["smtp.max_message_size"],
                              enable_SMTPUTF8=True, decode_data=False, hostname=settings["smtp.hostname"],
                              ident="mailbox_guard", timeout=settings["smtp.timeout"],
-                             tls_context=starttls, auth_required=handler.require_auth,
+                             tls_context=engine.tls.context(handler.listener) if handler.kind != "smtps" else None,
+                             auth_required=handler.require_auth,
                              auth_require_tls=handler.kind != "smtps" and not handler.plaintext_auth,
                              loop=asyncio.get_running_loop())
         if not handler.require_auth:
             self._auth_methods.clear()
         self.engine = engine
+        self.implicit_tls = handler.kind == "smtps"
+        self.smtp_started = False      # aiosmtpd's connection_made has run
+        self.handshake: asyncio.Task | None = None     # SMTPS: the task doing it, until done
 
     def _tls_facts(self, transport: asyncio.BaseTransport) -> None:
         obj = transport.get_extra_info("ssl_object")
@@ -925,35 +1046,47 @@ class _Session(GuardSMTP):
                                        "TLS_ESTABLISHED", 0.0, "none", None,
                                        f"{obj.version()} {cipher[0]} {cipher[2]} bits"))
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None
-        super().connection_made(transport)
-        if not first:
-            # After STARTTLS: aiosmtpd has discarded whatever arrived in plain text
-            # behind the command (RFC 3207 4.2), so nothing from before the handshake
-            # runs after it. Our pending replies went out before the handshake.
-            self._out.clear()
-            self._tls_facts(transport)
-            return
-        peer = transport.get_extra_info("peername") or ("?", 0)
+    def admit(self, peer: tuple) -> bool:
+        """Take a new connection from ``peer`` into the engine's table; False (and a
+        log line) when its address already has too many."""
         now = time.time()
-        self.facts.connection_id = f"C{int(now * 1000):011X}{next(_CONN_IDS):05X}"
         self.facts.peer_ip = str(peer[0])
         self.facts.peer_port = int(peer[1]) if len(peer) > 1 else 0
         self.facts.started_at = now
         self.facts.trusted_network = self.engine.policy.is_trusted(self.facts.peer_ip)
         per_ip = self.engine.policy.settings["smtp.max_connections_per_ip"]
         if not self.facts.trusted_network and self.engine.connections_from(self.facts.peer_ip) >= per_ip:
-            # Refused before any command is read (the banner is the only reply).
-            transport.write(replies.S421_TOO_MANY_FROM_IP.format(hostname=self.hostname).encode() + b"\r\n")
-            transport.close()
-            self.facts.connection_id = ""
+            log.info("refused connection from [%s]: too many connections from the address", self.facts.peer_ip)
+            self.released = True
+            return False
+        self.facts.connection_id = f"C{int(now * 1000):011X}{next(_CONN_IDS):05X}"
+        self.engine.session_opened(self)
+        return True
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.released:                         # killed during its SMTPS handshake
+            transport.abort()
             return
+        if not self.facts.connection_id:          # SMTPS sessions were admitted before TLS
+            if not self.admit(transport.get_extra_info("peername") or ("?", 0)):
+                # Refused before any command is read: the banner is the only reply.
+                transport.write(replies.S421_TOO_MANY_FROM_IP.format(hostname=self.hostname).encode() + b"\r\n")
+                transport.close()
+                return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._tls_facts(transport)           # an SMTPS listener: TLS from the first byte
-        self.engine.session_opened(self)
+        self._begin(transport)
+        if self.implicit_tls:
+            self.session.ssl = self._ssl_info(transport)
+
+    def _begin(self, transport: asyncio.BaseTransport) -> None:
+        self.smtp_started = True
+        self.phase = "connect"
+        if self.implicit_tls:
+            self._tls_protocol = transport      # aiosmtpd's "TLS is on" flag
+        super().connection_made(transport)     # aiosmtpd: reader, writer, the command loop
+        self._tls_facts(transport)             # an SMTPS listener: TLS from the first byte
         self.connect_task = asyncio.ensure_future(self._run_connect())
 
     async def _run_connect(self) -> None:
@@ -964,11 +1097,107 @@ class _Session(GuardSMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
-            super().connection_lost(error)
+            if self.smtp_started:
+                super().connection_lost(error)
         finally:
-            if self.facts.connection_id and not self.closing:
-                self.closing = True
-                if self.tx_trace:
-                    self.conn_trace.extend(self.tx_trace)
-                    self.tx_trace = []
-                self.engine.session_closed(self)
+            self.release()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        if self.handshake is not None and self.handshake is not asyncio.current_task():
+            self.handshake.cancel()         # killed or stopped during its SMTPS handshake
+        if self.tx_trace:
+            self.conn_trace.extend(self.tx_trace)
+            self.tx_trace = []
+        self.engine.session_closed(self)
+
+
+class ImplicitTlsServer:
+    """An SMTPS listener that accepts by itself: a connection is admitted (counted by
+    its address, or refused) before its TLS handshake, which has a deadline. The
+    loop's own ``create_server(ssl=...)`` only shows a connection once its handshake
+    is done, so half-open handshakes were neither counted nor limited."""
+
+    def __init__(self, engine: "Engine", handler: Handler, sockets: list[socket.socket]) -> None:
+        self.engine = engine
+        self.handler = handler
+        self.sockets = sockets
+        self._accepting = [asyncio.ensure_future(self._accept(s)) for s in sockets]
+        self._handshakes: set[asyncio.Task] = set()
+
+    @classmethod
+    async def start(cls, engine: "Engine", handler: Handler, host: str, port: int) -> "ImplicitTlsServer":
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(1024)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        return cls(engine, handler, sockets)
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(listening)
+            except OSError as exc:        # out of file descriptors, say: breathe, go on
+                log.warning("SMTPS accept failed: %s", exc.strerror or exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, peer))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, peer: tuple) -> None:
+        engine = self.engine
+        refused = make_protocol(engine, self.handler)
+        if not isinstance(refused, _Session):
+            log.info("refused connection from [%s]: %s", peer[0], refused.why)   # type: ignore[attr-defined]
+            conn.close()
+            return
+        session = refused
+        if not session.admit(peer):
+            conn.close()               # no plain-text reply: the client expects TLS
+            return
+        session.phase = "tls"
+        session.handshake = asyncio.current_task()
+        deadline = engine.policy.settings["smtp.tls_handshake_timeout"]
+        try:
+            async with asyncio.timeout(deadline + 1):
+                await asyncio.get_running_loop().connect_accepted_socket(
+                    lambda: session, conn, ssl=engine.tls.context(self.handler.listener),
+                    ssl_handshake_timeout=deadline)
+        except asyncio.CancelledError:
+            conn.close()
+            session.release()
+            raise
+        except Exception as exc:         # whatever the handshake raised: the client's failure
+            conn.close()
+            session._tls_failed(TLSSetupException(str(exc)))
+            session.release()
+        finally:
+            session.handshake = None
+
+    def close(self) -> None:
+        for task in (*self._accepting, *self._handshakes):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, return_exceptions=True)

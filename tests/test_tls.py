@@ -180,6 +180,19 @@ def test_rsa_and_ecdsa_certificates_replace_each_other_on_a_running_engine(gatew
     assert len(set(served)) == 4 and gateway.proc.poll() is None
 
 
+def test_a_session_opened_before_the_install_gets_the_new_certificate_at_starttls(gateway, ca):
+    gateway.start()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", gateway.port, timeout=10) as s:
+        s.ehlo()                            # connected while the self-signed one was current
+        _, want = install(gateway, ca, "later.test", key_type=trustme.KeyType.RSA)
+        gateway.wait_until(lambda: served_certificate(gateway.port, True) == want, timeout=5, what="reload")
+        s.starttls(context=ctx)
+        assert s.sock.getpeercert(binary_form=True) == want
+
+
 def test_a_certificate_for_a_listener_that_does_not_exist_is_refused(gateway, ca):
     out, _ = install(gateway, ca, listener="submision", check=False)
     assert out.returncode == 1

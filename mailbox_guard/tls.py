@@ -167,8 +167,8 @@ class TlsManager:
         # new key's type only, so an RSA certificate would sit beside the old ECDSA one
         # and every client that offers ECDSA would still get the old certificate.
         ctx = server_context(cert, key)
-        # A context handed out earlier (an SMTPS server keeps the one it started
-        # with) switches each handshake over to the listener's current context.
+        # A context handed out earlier (a session takes one at connect and may send
+        # STARTTLS minutes later) switches its handshake to the current one.
         ctx.sni_callback = lambda conn, _name, _ctx: self._switch(listener, conn)
         return ctx
 

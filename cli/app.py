@@ -18,7 +18,7 @@ from typing import List, Optional
 import typer
 
 from cli.commands import (auth, config, connections, domains, listeners, messages, networks, queue, recipients,
-                          tls, users)
+                          rejects, tls, users)
 from cli.common import DEFAULT_HOME, HOME_ENV, JSON, control, emit_json, guarded, read_store, state
 from mailbox_guard.config import SettingError, parse_hostport
 
@@ -31,6 +31,14 @@ for module, name in ((domains, "domains"), (recipients, "recipients"), (networks
                      (connections, "connections"), (messages, "messages"), (tls, "tls"),
                      (users, "users"), (auth, "auth")):
     app.add_typer(module.app, name=name)
+app.command("rejects")(rejects.rejects)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mailbox_guard import __version__
+        typer.echo(f"mailbox-guard {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -39,6 +47,8 @@ def main_options(
         None, "--home", envvar=HOME_ENV, metavar="DIR",
         help=f"State folder (store, keys, control socket). Default {DEFAULT_HOME}; "
              "the service uses /var/lib/mailbox-guard."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
 ) -> None:
     """mailbox_guard: a mail security gateway."""
     state.home = home or Path(DEFAULT_HOME)
@@ -104,6 +114,7 @@ def status(as_json: bool = JSON) -> None:
     """
     from mailbox_guard import queue as q
     from mailbox_guard.control_client import EngineNotRunning
+    from mailbox_guard.store import open_relay_networks
     try:
         info = control().call("status")
         info["running"] = True
@@ -111,6 +122,9 @@ def status(as_json: bool = JSON) -> None:
         info = {"running": False, "home": str(state.home), "queue": read_store(q.counts_by_state)}
     except Exception:
         info = guarded(lambda: control().call("status"))
+    wide = open_relay_networks(read_store(lambda c: [r[0] for r in c.execute("SELECT cidr FROM networks")]))
+    info["warnings"] = [f"trusted network {n} lets much of the Internet relay through this gateway "
+                        f"(an open relay): `networks remove {n}`" for n in wide]
     if as_json:
         emit_json(info)
     elif info["running"]:
@@ -124,6 +138,8 @@ def status(as_json: bool = JSON) -> None:
         typer.echo(f"engine not running (home {state.home})")
     if not as_json:
         typer.echo("  queue: " + ", ".join(f"{k} {v}" for k, v in info["queue"].items()))
+        for warning in info["warnings"]:
+            typer.echo(f"  WARNING: {warning}")
     if not info["running"]:
         raise typer.Exit(1)
 

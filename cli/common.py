@@ -44,7 +44,40 @@ def guarded(fn: Callable[[], Any]) -> Any:
         fail(exc.message)
 
 
+# Commands that only look: on a home that does not exist they say so instead of
+# creating an empty store (a typo in --home must not look like an empty configuration).
+# Only `serve` and policy edits create a home.
+READ_ONLY_COMMANDS = frozenset({
+    "status", "rejects", "domains list", "domains show", "recipients list", "networks list", "listeners list",
+    "config show", "config get", "config export", "queue list", "queue show", "queue summary",
+    "messages why", "users list", "auth bans", "tls show"})
+
+
+def _command() -> str:
+    """The command being run, e.g. "domains list"."""
+    try:        # Typer 0.2x carries its own copy of click; older ones use click itself
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    ctx, names = get_current_context(silent=True), []
+    while ctx is not None and ctx.parent is not None:     # the root's name is the program's
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names))
+
+
+def require_home() -> Path:
+    """The store's path; one line and exit 1 when there is no home yet."""
+    from mailbox_guard.store import DB_NAME
+    path = state.home / DB_NAME
+    if not path.exists():
+        fail(f"no mailbox-guard home at {state.home} (use --home, or start it with `serve`)")
+    return path
+
+
 def store() -> PolicyStore:
+    if _command() in READ_ONLY_COMMANDS:
+        return PolicyStore(require_home())
     try:
         return PolicyStore(ensure_home(state.home))
     except StoreError as exc:
@@ -67,8 +100,8 @@ def engine_running() -> bool:
 
 def read_store(fn: Callable[[Any], Any]) -> Any:
     """A read of the store (works whether the engine runs or not)."""
-    from mailbox_guard.store import DB_NAME, connect
-    path = ensure_home(state.home) if not (state.home / DB_NAME).exists() else state.home / DB_NAME
+    from mailbox_guard.store import connect
+    path = require_home()
 
     def run():
         conn = connect(path, readonly=True)
@@ -79,28 +112,31 @@ def read_store(fn: Callable[[Any], Any]) -> Any:
     return guarded(run)
 
 
-def write_store(fn: Callable[[Any], Any]) -> Any:
-    """One transaction on the store (for actions while the engine is stopped)."""
+def transaction(fn: Callable[[Any], Any]) -> Any:
+    """One transaction on the store (for queue actions while the engine is stopped:
+    they need a home that exists); its errors are the caller's to report."""
     import sqlite3
     from mailbox_guard.store import connect
-
-    def run():
-        path = ensure_home(state.home)
-        conn = connect(path)
+    path = require_home()
+    conn = connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"store {path}: {exc}") from None
-        finally:
-            conn.close()
-    return guarded(run)
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+    except sqlite3.OperationalError as exc:
+        raise StoreError(f"store {path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def write_store(fn: Callable[[Any], Any]) -> Any:
+    """`transaction`, with its errors as one line and exit 1."""
+    return guarded(lambda: transaction(fn))
 
 
 def cell(value: Any) -> str:

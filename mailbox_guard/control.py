@@ -45,7 +45,7 @@ IDLE_TIMEOUT = 300.0          # a request connection that says nothing for this 
 READ_ONLY = frozenset({"hello", "status", "connections", "queue.list", "queue.show", "stats",
                        "messages.why", "subscribe", "auth.bans"})
 ADMIN = frozenset({"connections.kill", "queue.retry", "queue.hold", "queue.release", "queue.delete",
-                   "queue.flush", "reload", "auth.unban"})
+                   "queue.flush", "queue.bulk", "reload", "auth.unban"})
 
 
 class ControlError(Exception):
@@ -69,9 +69,10 @@ class ControlServer:
         self.methods: dict[str, Callable[[dict], Awaitable[Any]]] = {
             "hello": self._hello, "status": self._status, "connections": self._connections,
             "queue.list": self._queue_list, "queue.show": self._queue_show, "stats": self._stats,
-            "messages.why": self._queue_show, "connections.kill": self._kill,
+            "messages.why": self._why, "connections.kill": self._kill,
             "queue.retry": self._retry, "queue.hold": self._hold, "queue.release": self._release,
-            "queue.delete": self._delete, "queue.flush": self._flush, "reload": self._reload,
+            "queue.delete": self._delete, "queue.flush": self._flush, "queue.bulk": self._bulk,
+            "reload": self._reload,
             "auth.bans": self._bans, "auth.unban": self._unban,
         }
         assert set(self.methods) | {"subscribe"} == READ_ONLY | ADMIN
@@ -265,6 +266,13 @@ class ControlServer:
             raise ControlError("not_found", f"no message {key}")
         return detail
 
+    async def _why(self, params: dict) -> dict:
+        key = self._id(params)
+        found = await self.engine.readers.run(lambda c: q.explain(c, key))
+        if found is None:
+            raise ControlError("not_found", f"no message, connection or address {key}")
+        return found
+
     async def _kill(self, params: dict) -> dict:
         if not self.engine.kill_connection(self._id(params)):
             raise ControlError("not_found", f"no live connection {params.get('id')}")
@@ -298,6 +306,19 @@ class ControlServer:
         key = self._id(params)
         await self._queue_action(lambda c: q.delete(c, key.upper()))
         return {"deleted": key.upper()}
+
+    async def _bulk(self, params: dict) -> dict:
+        """``{"action": "delete"|"hold"|"release"|"retry", "states": [...], "to_domain": D}``"""
+        action, states, to_domain = params.get("action"), params.get("states"), params.get("to_domain")
+        if action not in q.BULK_STATES:
+            raise ControlError("bad_request", f"action must be one of {', '.join(q.BULK_STATES)}")
+        if states is not None and (not isinstance(states, list) or not all(isinstance(s, str) for s in states)):
+            raise ControlError("bad_request", "states must be a list of strings")
+        if to_domain is not None and (not isinstance(to_domain, str) or len(to_domain) > 255):
+            raise ControlError("bad_request", "to_domain must be a domain name")
+        ids = await self._queue_action(lambda c: q.bulk(c, action, now=time.time(), states=states,
+                                                        to_domain=to_domain))
+        return {"action": action, "ids": ids}
 
     async def _reload(self, params: dict) -> dict:
         changed = await self.engine.reload_policy()

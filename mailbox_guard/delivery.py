@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .config import parse_hostport
 from .dns import DnsError, DnsTempError
-from .dsn import FailedRecipient, build_dsn
+from .dsn import FailedRecipient, build_dsn, human_duration, message_id_of
 from .smtp_client import (Connection, Reply, SmtpClientError, Transaction,
                           opportunistic_tls_context)
 from .queue import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
@@ -266,7 +266,8 @@ class Delivery:
         if expired:
             for o in pending:
                 o.outcome = "bounced"
-                o.reply = f"4.4.7 message expired after {lifetime / 86400:g} days in the queue; last reply: {o.reply}"
+                o.reply = (f"4.4.7 message expired after {human_duration(lifetime)} in the queue; "
+                           f"last reply: {o.reply}")
         delay = retry_delay(settings["queue.retry_schedule"], msg.attempts)
         next_attempt = min(now + delay, msg.received_at + lifetime) if pending else None
         failed = [o for o in outcomes if o.outcome == "bounced"]
@@ -310,7 +311,7 @@ class Delivery:
             return None
         domain = msg.mail_from.rpartition("@")[2].lower()
         return NewMessage(id=new_queue_id(now), mail_from="", recipients=[(msg.mail_from, domain)],
-                          body=data, received_at=now, message_id=None, listener="bounce")
+                          body=data, received_at=now, message_id=message_id_of(data), listener="bounce")
 
     # ------------------------------------------------------------------ one route
     async def _targets(self, key: str, hop: str | None) -> list[Target]:
@@ -415,9 +416,9 @@ class Delivery:
                 connect_timeout=settings["delivery.connect_timeout"],
                 command_timeout=settings["delivery.command_timeout"],
                 name=target.name, tls=self._tls)
-        except SmtpClientError as exc:
-            raise _RouteFailure(False, f"4.4.1 {target.name}[{target.ip}]:{target.port}: {_one_line(exc)}",
-                                "4.4.1", target.name) from None
+        except SmtpClientError as exc:      # its text names the address already
+            where = f"{target.name}: " if target.name != target.ip else ""
+            raise _RouteFailure(False, f"4.4.1 {where}{_one_line(exc)}", "4.4.1", target.name) from None
         return conn, 0
 
     async def _send(self, target: Target, msg: Leased, wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
@@ -429,7 +430,7 @@ class Delivery:
                 conn.close()
                 if uses and tries == 0:
                     continue     # a reused connection the next hop had dropped: once more
-                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}]: {_one_line(exc)}",
+                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}]:{target.port}: {_one_line(exc)}",
                                     "4.4.2", target.name) from None
             return self._outcomes(conn, uses, target, tx, rcpts)
         raise _RouteFailure(False, "4.4.2 connection lost", "4.4.2", target.name)

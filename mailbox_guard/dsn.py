@@ -4,6 +4,8 @@ Provides :class:`FailedRecipient` (one recipient's outcome) and :func:`build_dsn
 which renders a complete ``multipart/report; report-type=delivery-status``
 message as CRLF-terminated bytes ready for submission with a null envelope
 sender.  All MIME work is done by the standard library ``email`` package.
+:func:`message_id_of` reads a message's Message-ID (folded or not) and
+:func:`human_duration` writes the durations people read ("10 minutes", "5 days").
 
 Anything that came from a remote server or from the original message is treated
 as hostile: DSN fields are reduced to single-line printable ASCII and capped in
@@ -20,10 +22,11 @@ from datetime import datetime, timezone
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage, Message, MIMEPart
-from email.policy import SMTP
+from email.parser import BytesHeaderParser
+from email.policy import SMTP, compat32
 from email.utils import format_datetime, make_msgid
 
-__all__ = ["FailedRecipient", "build_dsn"]
+__all__ = ["FailedRecipient", "build_dsn", "human_duration", "message_id_of"]
 
 # CRLF and 7-bit only, so the DSN can be relayed anywhere without 8BITMIME.
 # Output uses refold_source "none" so the plain-string DSN fields below are
@@ -40,6 +43,7 @@ _STATUS_RE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _WS_CTRL_RE = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029]+")
 _LINE_CTRL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _EOL_RE = re.compile(rb"\r\n|\r|\n")
+_header_parser = BytesHeaderParser(policy=compat32)
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,33 @@ def _returned_part(original: bytes, mode: str, limit: int) -> MIMEPart:
     text = "\n".join(_LINE_CTRL_RE.sub("?", line) for line in text.split("\r\n"))
     part.set_content(text, subtype="rfc822-headers")
     return part
+
+
+_UNITS = (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+
+def human_duration(seconds: float) -> str:
+    """``600`` -> "10 minutes", ``432000`` -> "5 days", ``5400`` -> "1 hour 30 minutes":
+    the two largest units, rounded to whole seconds."""
+    left = max(0, round(seconds))
+    parts = []
+    for name, size in _UNITS:
+        if left >= size or (name == "second" and not parts):
+            n, left = divmod(left, size)
+            parts.append(f"{n} {name}{'' if n == 1 else 's'}")
+        elif parts:
+            break          # "1 day 3 minutes" says less than "1 day"
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+def message_id_of(message: bytes) -> str | None:
+    """The Message-ID of a message (raw bytes), unfolded: a msg-id holds no white
+    space (RFC 5322 3.6.4), so the folding and any CFWS around it go."""
+    value = _header_parser.parsebytes(_header_section(_crlf(message))).get("Message-ID")
+    token = "".join(str(value).split()) if value is not None else ""
+    return token[:250] if token and token.isascii() and token.isprintable() else None
 
 
 def build_dsn(*, reporting_mta: str, original_sender: str, queue_id: str,

@@ -109,14 +109,21 @@ def recover_leases(conn: sqlite3.Connection, now: float, *, expired_only: bool) 
         f"next_attempt = min(next_attempt, ?) WHERE {where}", args).rowcount
 
 
+# An attempt the operator brings forward (retry, flush, release before the message is
+# due) must not use up a step of queue.retry_schedule: ``attempts`` picks the next
+# delay. Outside a lease, ``lease_until`` has no use; FORCED there marks such an attempt
+# (no column of its own, so no migration), and the lease then leaves ``attempts`` alone.
+FORCED = 0.0
+
+
 def lease_due(conn: sqlite3.Connection, now: float, limit: int, lease_seconds: float) -> list[str]:
     ids = [r[0] for r in conn.execute(
         "SELECT id FROM messages WHERE state IN ('incoming', 'deferred') AND next_attempt <= ? "
         "ORDER BY next_attempt LIMIT ?", (now, limit))]
     if ids:
         conn.executemany("UPDATE messages SET state = 'active', lease_until = ?, "
-                         "attempts = attempts + 1 WHERE id = ?",
-                         [(now + lease_seconds, i) for i in ids])
+                         "attempts = attempts + (lease_until IS NOT ?) WHERE id = ?",
+                         [(now + lease_seconds, FORCED, i) for i in ids])
     return ids
 
 
@@ -222,13 +229,15 @@ def retry_now(conn: sqlite3.Connection, message_id: str, now: float) -> str:
     state = _state_of(conn, message_id)
     if state not in ("incoming", "deferred"):
         raise QueueActionError(f"{message_id} is {state}; only queued or deferred mail can be retried")
-    conn.execute("UPDATE messages SET next_attempt = ? WHERE id = ?", (now, message_id))
+    conn.execute("UPDATE messages SET next_attempt = ?, lease_until = CASE WHEN next_attempt > ? "
+                 "THEN ? ELSE lease_until END WHERE id = ?", (now, now, FORCED, message_id))
     return state
 
 
 def flush(conn: sqlite3.Connection, now: float) -> int:
-    return conn.execute("UPDATE messages SET next_attempt = ? WHERE state IN ('incoming', 'deferred') "
-                        "AND next_attempt > ?", (now, now)).rowcount
+    return conn.execute("UPDATE messages SET next_attempt = ?, lease_until = ? "
+                        "WHERE state IN ('incoming', 'deferred') AND next_attempt > ?",
+                        (now, FORCED, now)).rowcount
 
 
 def hold(conn: sqlite3.Connection, message_id: str) -> str:
@@ -245,7 +254,9 @@ def release(conn: sqlite3.Connection, message_id: str, now: float) -> str:
     state = _state_of(conn, message_id)
     if state != "hold":
         raise QueueActionError(f"{message_id} is {state}, not on hold")
-    conn.execute("UPDATE messages SET state = 'deferred', next_attempt = ? WHERE id = ?", (now, message_id))
+    conn.execute("UPDATE messages SET state = 'deferred', next_attempt = ?, lease_until = CASE "
+                 "WHEN next_attempt > ? THEN ? ELSE lease_until END WHERE id = ?",
+                 (now, now, FORCED, message_id))
     return state
 
 
@@ -259,6 +270,40 @@ def delete(conn: sqlite3.Connection, message_id: str) -> str:
     conn.execute("DELETE FROM verdicts WHERE message_id = ?", (message_id,))
     conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
     return state
+
+
+# Where each action applies; `--all` means every message in these states.
+BULK_STATES = {"delete": ("incoming", "deferred", "hold"), "hold": ("incoming", "deferred"),
+               "release": ("hold",), "retry": ("incoming", "deferred")}
+
+
+def bulk_ids(conn: sqlite3.Connection, action: str, states: list[str] | None = None,
+             to_domain: str | None = None) -> list[str]:
+    """The messages `--all` means: in ``states`` (default: all where ``action`` applies),
+    with a pending recipient in ``to_domain`` if given; oldest first."""
+    allowed = BULK_STATES[action]
+    states = list(states or allowed)
+    bad = [s for s in states if s not in allowed]
+    if bad:
+        raise QueueActionError(f"{action} applies to {', '.join(allowed)} messages, not {bad[0]} ones")
+    sql = f"SELECT id FROM messages m WHERE state IN ({','.join('?' * len(states))})"
+    args: list = list(states)
+    if to_domain:
+        sql += (" AND EXISTS (SELECT 1 FROM message_recipients r WHERE r.message_id = m.id "
+                "AND r.state = 'pending' AND r.domain = ? COLLATE NOCASE)")
+        args.append(to_domain.strip().rstrip("."))
+    return [r[0] for r in conn.execute(sql + " ORDER BY received_at", args)]
+
+
+def bulk(conn: sqlite3.Connection, action: str, *, now: float, states: list[str] | None = None,
+         to_domain: str | None = None) -> list[str]:
+    """One action on every message of `bulk_ids`, in one transaction; the ids acted on."""
+    ids = bulk_ids(conn, action, states, to_domain)
+    apply = {"delete": lambda i: delete(conn, i), "hold": lambda i: hold(conn, i),
+             "release": lambda i: release(conn, i, now), "retry": lambda i: retry_now(conn, i, now)}[action]
+    for i in ids:
+        apply(i)
+    return ids
 
 
 # ---------------------------------------------------------------------- inspection
@@ -344,3 +389,124 @@ def verdict_trace(conn: sqlite3.Connection, message_id: str, connection_id: str 
         "ORDER BY seq", (message_id, connection_id or ""))
     cols = ("seq", "at", "phase", "subject", "check", "symbol", "score", "action", "reply", "detail")
     return [dict(zip(cols, r)) for r in rows]
+
+
+def raw_message(conn: sqlite3.Connection, message_id: str) -> bytes | None:
+    """The message as stored (our Received: first); None once delivered or bounced."""
+    row = conn.execute("SELECT data FROM message_bodies WHERE message_id = ?", (message_id,)).fetchone()
+    return bytes(row[0]) if row is not None else None
+
+
+def summary(conn: sqlite3.Connection, states: list[str], now: float) -> list[dict]:
+    """Per destination domain (like qshape): messages and recipients still pending, and
+    how old the oldest is; the busiest first."""
+    rows = conn.execute(
+        "SELECT lower(r.domain), count(DISTINCT m.id), count(*), min(m.received_at) FROM messages m "
+        "JOIN message_recipients r ON r.message_id = m.id AND r.state = 'pending' "
+        f"WHERE m.state IN ({','.join('?' * len(states))}) GROUP BY lower(r.domain) "
+        "ORDER BY count(DISTINCT m.id) DESC, lower(r.domain)", states)
+    return [{"domain": d, "messages": n, "recipients": k, "oldest_received_at": t,
+             "oldest_age_seconds": max(0.0, now - t)} for d, n, k, t in rows]
+
+
+def _address_filter(column: str, value: str) -> tuple[str, list]:
+    """An address, or every address of a domain when the value starts with '@'."""
+    value = value.strip().strip("<>")
+    if value.startswith("@"):
+        escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        return f"lower({column}) LIKE ? ESCAPE '\\'", ["%" + escaped]
+    return f"{column} = ? COLLATE NOCASE", [value]
+
+
+def rejects(conn: sqlite3.Connection, *, since: float | None = None, client: str | None = None,
+            sender: str | None = None, recipient: str | None = None, check: str | None = None,
+            limit: int = 100) -> list[dict]:
+    """Refused commands (reject and tempfail verdicts), newest first, with the client and
+    the transaction's sender: a queued message's envelope sender, else the MAIL verdict
+    that came last before the refusal on the same connection."""
+    inner = (
+        "SELECT v.at, v.connection_id AS connection, coalesce(c.peer_ip, m.client_ip) AS client, "
+        "c.helo, coalesce(c.listener, m.listener) AS listener, v.phase, "
+        "CASE WHEN v.phase = 'mail' THEN v.subject "
+        "WHEN m.id IS NOT NULL THEN CASE m.mail_from WHEN '' THEN '<>' ELSE m.mail_from END "
+        "ELSE (SELECT s.subject FROM verdicts s WHERE s.connection_id = v.connection_id "
+        "AND s.phase = 'mail' AND s.message_id IS NULL AND s.seq < v.seq ORDER BY s.seq DESC LIMIT 1) "
+        "END AS sender, CASE WHEN v.phase = 'rcpt' THEN v.subject END AS recipient, "
+        "v.check_name AS \"check\", v.symbol, v.action, v.reply, v.detail, v.message_id AS queue_id "
+        "FROM verdicts v LEFT JOIN connections c ON c.id = v.connection_id "
+        "LEFT JOIN messages m ON m.id = v.message_id WHERE v.action IN ('reject', 'tempfail')")
+    args: list = []
+    if since is not None:
+        inner += " AND v.at >= ?"
+        args.append(since)
+    where = []
+    if client:
+        where.append("client = ?")
+        args.append(client)
+    for column, value in (("sender", sender), ("recipient", recipient)):
+        if value:
+            sql, more = _address_filter(column, value)
+            where.append(sql)
+            args += more
+    if check:
+        where.append("(\"check\" = ? COLLATE NOCASE OR symbol = ? COLLATE NOCASE)")
+        args += [check, check]
+    sql = f"SELECT * FROM ({inner})" + (" WHERE " + " AND ".join(where) if where else "")
+    cur = conn.execute(sql + " ORDER BY at DESC LIMIT ?", args + [limit])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, row)) for row in cur]
+
+
+def connection_detail(conn: sqlite3.Connection, connection_id: str) -> dict | None:
+    """A connection as recorded when it closed, its whole verdict trace (refused
+    transactions included) and the messages it queued."""
+    cur = conn.execute("SELECT * FROM connections WHERE id = ?", (connection_id,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    detail = dict(zip([d[0] for d in cur.description], row))
+    cols = ("seq", "at", "phase", "subject", "check", "symbol", "score", "action", "reply", "detail",
+            "queue_id")
+    detail["trace"] = [dict(zip(cols, r)) for r in conn.execute(
+        "SELECT seq, at, phase, subject, check_name, symbol, score, action, reply, detail, message_id "
+        "FROM verdicts WHERE connection_id = ? ORDER BY seq", (connection_id,))]
+    detail["queued"] = [dict(zip(("id", "state", "mail_from"), r)) for r in conn.execute(
+        "SELECT id, state, mail_from FROM messages WHERE connection_id = ? ORDER BY received_at",
+        (connection_id,))]
+    return detail
+
+
+def explain(conn: sqlite3.Connection, key: str) -> dict | None:
+    """What `messages why KEY` shows. KEY is a queue id, a Message-ID, a connection id,
+    or a sender or recipient address (then the most recent of its messages and refused
+    commands). ``{"kind": "message"|"connection", "matched": n, "detail": {...}}``; for
+    an address also ``messages`` and ``refused`` (how many of each matched) and, when a
+    refusal is shown, ``reject`` (that refusal)."""
+    key = key.strip()
+    found = find_message(conn, key)
+    if found:
+        return {"kind": "message", "matched": 1, "detail": message_detail(conn, found)}
+    connection = connection_detail(conn, key.upper()) if key[:1] in "Cc" else None
+    if connection is not None:
+        return {"kind": "connection", "matched": 1, "detail": connection}
+    address = key.strip("<>")
+    if "@" not in address:
+        return None
+    sql_from, a1 = _address_filter("mail_from", address)
+    sql_to, a2 = _address_filter("recipient", address)
+    messages = conn.execute(
+        f"SELECT id, received_at FROM messages WHERE {sql_from} OR id IN "
+        f"(SELECT message_id FROM message_recipients WHERE {sql_to}) ORDER BY received_at DESC",
+        a1 + a2).fetchall()
+    refused = {(r["connection"], r["at"], r["phase"], r["recipient"]): r
+               for r in rejects(conn, sender=address, limit=10000) + rejects(conn, recipient=address, limit=10000)
+               if r["queue_id"] is None}       # those of queued messages are in their trace
+    newest = max(refused.values(), key=lambda r: r["at"], default=None)
+    counts = {"matched": len(messages) + len(refused), "messages": len(messages), "refused": len(refused)}
+    if messages and (newest is None or messages[0][1] >= newest["at"]):
+        return {"kind": "message", **counts, "detail": message_detail(conn, messages[0][0])}
+    if newest is not None:
+        detail = connection_detail(conn, newest["connection"])
+        if detail is not None:
+            return {"kind": "connection", **counts, "detail": detail, "reject": newest}
+    return None

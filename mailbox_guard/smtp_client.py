@@ -43,6 +43,15 @@ class Transaction:
     data: Reply | None          # None when no recipient was accepted
 
 
+def _os_text(exc: BaseException) -> str:
+    """An OSError in words, without Python's "[Errno 111]": operators read it in the
+    queue and senders in a bounce."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
 def dot_stuff(wire: bytes) -> bytes:
     """RFC 5321 4.5.2 transparency, for a body with CRLF line endings only."""
     out = wire.replace(b"\r\n.", b"\r\n..")
@@ -72,11 +81,16 @@ class Connection:
     async def open(cls, host: str, port: int, *, helo: str, connect_timeout: float,
                    command_timeout: float, name: str | None = None,
                    tls: ssl.SSLContext | None = None) -> "Connection":
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             async with asyncio.timeout(connect_timeout):
                 reader, writer = await asyncio.open_connection(host, port, limit=_LINE_LIMIT * 4)
-        except (OSError, TimeoutError) as exc:
-            raise SmtpClientError(f"connect failed: {exc or type(exc).__name__}") from None
+        except ConnectionRefusedError:
+            raise SmtpClientError(f"connection refused by {where}") from None
+        except TimeoutError:
+            raise SmtpClientError(f"no connection to {where} within {connect_timeout:g}s") from None
+        except OSError as exc:
+            raise SmtpClientError(f"cannot connect to {where}: {_os_text(exc)}") from None
         conn = cls(reader, writer, command_timeout=command_timeout, name=name or host)
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -95,7 +109,7 @@ class Connection:
                         async with asyncio.timeout(connect_timeout):
                             await writer.start_tls(tls, server_hostname=name or host)
                     except (OSError, ssl.SSLError, TimeoutError) as exc:
-                        raise SmtpClientError(f"TLS handshake failed: {exc}") from None
+                        raise SmtpClientError(f"TLS handshake with {where} failed: {_os_text(exc)}") from None
                     conn.tls = True
                     await conn.ehlo(helo)
         except BaseException:
@@ -143,7 +157,7 @@ class Connection:
             raise SmtpClientError("timeout waiting for a reply") from None
         except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
             self.broken = True
-            raise SmtpClientError(f"read failed: {exc}") from None
+            raise SmtpClientError(f"read failed: {_os_text(exc)}") from None
         except SmtpClientError:
             self.broken = True
             raise
@@ -161,7 +175,7 @@ class Connection:
                 await self.writer.drain()
         except (OSError, TimeoutError) as exc:
             self.broken = True
-            raise SmtpClientError(f"write failed: {exc or 'timeout'}") from None
+            raise SmtpClientError(f"write failed: {_os_text(exc)}") from None
 
     async def command(self, line: bytes) -> Reply:
         if b"\r" in line or b"\n" in line:

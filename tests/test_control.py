@@ -135,7 +135,7 @@ def test_non_admin_uid_reads_but_cannot_act(running):
     msg_id = running.query("SELECT id FROM messages")[0]["id"]
     assert _as_user("nobody", running.home, "queue.show", id=msg_id) == {"ok": True}
     for method, params in (("queue.flush", {}), ("reload", {}), ("queue.delete", {"id": msg_id}),
-                           ("connections.kill", {"id": "C1"})):
+                           ("connections.kill", {"id": "C1"}), ("queue.bulk", {"action": "delete"})):
         assert _as_user("nobody", running.home, method, **params) == {"ok": False, "code": "forbidden"}
     assert running.query("SELECT count(*) AS n FROM messages")[0]["n"] == 1
 
@@ -234,3 +234,27 @@ def test_bad_parameters_are_refused_not_obeyed(running):
                             + b"[" * 60000 + b"\n", 4)
     assert [r["error"]["code"] for r in replies_] == ["bad_request"] * 4
     assert ControlClient(running.home).call("stats", minutes=5)["per_minute"]["accepted"].__len__() == 5
+
+
+def test_bulk_actions_and_why_through_the_socket(running):
+    from mailbox_guard.control_client import ControlCallError
+    c = ControlClient(running.home)
+    queue_id = running.query("SELECT id FROM messages")[0]["id"]
+    assert c.call("queue.bulk", action="hold", to_domain="other.test") == {"action": "hold", "ids": []}
+    assert c.call("queue.bulk", action="hold", states=["deferred"], to_domain="EXAMPLE.test") == {
+        "action": "hold", "ids": [queue_id]}
+    assert running.query("SELECT state FROM messages")[0]["state"] == "hold"
+    for params in ({"action": "explode"}, {"action": "hold", "states": "deferred"},
+                   {"action": "hold", "to_domain": 7}):
+        with pytest.raises(ControlCallError) as err:
+            c.call("queue.bulk", **params)
+        assert err.value.code == "bad_request", params
+    with pytest.raises(ControlCallError) as err:      # release applies to held mail only
+        c.call("queue.bulk", action="release", states=["deferred"])
+    assert err.value.code == "failed" and "release applies to hold" in err.value.message
+    assert c.call("queue.bulk", action="release") == {"action": "release", "ids": [queue_id]}
+    why = c.call("messages.why", id="bob@example.test")
+    assert why["kind"] == "message" and why["matched"] == 1 and why["detail"]["id"] == queue_id
+    with pytest.raises(ControlCallError) as err:
+        c.call("messages.why", id="nobody@nowhere.test")
+    assert err.value.code == "not_found"

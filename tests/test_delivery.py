@@ -122,6 +122,9 @@ def test_one_dsn_after_5xx(routed, sink):
     assert "carol@example.test" not in status
     assert "550 5.1.1" in status
     assert not BARE.search(bounce.data)
+    # The bounce is queued under its own (folded) Message-ID, unfolded: `messages why` finds it.
+    queued = routed.query("SELECT message_id FROM messages WHERE mail_from = ''")[0]["message_id"]
+    assert queued == str(msg["Message-ID"]).strip() and queued.endswith("@gw.test>")
     states = {r["recipient"]: r["state"] for r in routed.query("SELECT recipient, state FROM message_recipients")}
     assert states == {"bob@example.test": "bounced", "carol@example.test": "delivered",
                       "alice@sender.test": "delivered"}
@@ -201,6 +204,10 @@ def test_expiry_returns_the_message_with_4_4_7(routed, sink):
     assert bounce.mail_from in ("", "<>")
     _, status = dsn_parts(bounce.data)
     assert "Status: 4.4.7" in status and "Action: failed" in status
+    # Words, not Python: how long it waited, and why the last attempt failed.
+    assert "message expired after 3 seconds in the queue; last reply: 4.4.1 connection refused by " \
+        "127.0.0.1:9" in " ".join(status.split())
+    assert "Errno" not in status and "Errno" not in bounce.data.decode()
     attempts = routed.query("SELECT count(*) AS n FROM delivery_log WHERE recipient = 'user@dead.test'")[0]["n"]
     assert attempts >= 2
 

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mailbox_guard.dsn import FailedRecipient, build_dsn
+from mailbox_guard.dsn import FailedRecipient, build_dsn, human_duration, message_id_of
 
 ARRIVAL = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 NOW = datetime(2024, 1, 7, 3, 4, 5, tzinfo=timezone.utc)
@@ -237,3 +237,19 @@ def test_returned_headers_are_capped():
                      original_message=huge, max_returned_bytes=16384)
     assert len(data) < 24000
     assert b"X-Headers-Truncated: yes" in data
+
+
+@pytest.mark.parametrize("seconds,text", [(600, "10 minutes"), (5 * 86400, "5 days"), (1, "1 second"),
+                                          (0.00694444 * 86400, "10 minutes"), (5400, "1 hour 30 minutes"),
+                                          (86400 + 180, "1 day"), (0, "0 seconds")])
+def test_human_durations(seconds, text):
+    assert human_duration(seconds) == text
+
+
+def test_a_folded_message_id_is_read_unfolded():
+    data, msg = make(queue_id="1A230E0D1D10048A2195")     # a real queue id: a long Message-ID
+    head = data.split(b"\r\n\r\n", 1)[0]
+    assert b"Message-ID:\r\n <" in head            # the generator folds a long header
+    assert message_id_of(data) == str(msg["Message-ID"]).strip()
+    assert message_id_of(b"Message-ID: <a.b@\r\n example.test>\r\nSubject: x\r\n\r\n") == "<a.b@example.test>"
+    assert message_id_of(b"Subject: none\r\n\r\nMessage-ID: <in-the-body@x>\r\n") is None

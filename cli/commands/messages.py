@@ -12,25 +12,58 @@ app = typer.Typer(help="Questions about messages.\n\n"
                   "Example: mailbox-guard messages why '<abc@example.org>'",
                   no_args_is_help=True)
 
+OUTCOMES = {"delivered": "delivered", "bounced": "returned to the sender", "hold": "on hold",
+            "deferred": "waiting for another delivery attempt", "incoming": "queued",
+            "active": "being delivered"}
+
 
 @app.command("why")
-def messages_why(message: str = typer.Argument(..., help="Queue id or Message-ID."), as_json: bool = JSON) -> None:
-    """The verdict trace of a message: every phase, every check, every result, the outcome.
+def messages_why(key: str = typer.Argument(..., metavar="KEY",
+                                           help="Queue id, Message-ID, connection id (C...), or a sender "
+                                                "or recipient address."),
+                 as_json: bool = JSON) -> None:
+    """The verdict trace: every phase, every check, every result, the outcome.
 
-    Example: mailbox-guard messages why 1A230E0D1D10048A2195
+    For an address, the most recent message or refused command that names it as
+    sender or recipient (and how many matched); for a connection id, its whole session,
+    refused transactions included.
+
+    Example: mailbox-guard messages why bob@example.org
     """
-    detail = read_store(lambda c: q.find_detail(c, message))
-    if detail is None:
-        fail(f"no message {message} is known (finished messages are kept for queue.keep_done)")
-    outcome = {"delivered": "delivered", "bounced": "returned to the sender", "hold": "on hold",
-               "deferred": "waiting for another delivery attempt", "incoming": "queued",
-               "active": "being delivered"}[detail["state"]]
-    if as_json:
-        emit_json({"id": detail["id"], "message_id": detail["message_id"], "state": detail["state"],
-                   "outcome": outcome, "trace": detail["trace"], "deliveries": detail["deliveries"]})
+    found = read_store(lambda c: q.explain(c, key))
+    if found is None:
+        fail(f"nothing is known about {key} (finished messages are kept for queue.keep_done)")
+    detail = found["detail"]
+    if found["kind"] == "message":
+        outcome = OUTCOMES[detail["state"]]
+        if as_json:
+            emit_json({"kind": "message", "matched": found["matched"], "id": detail["id"],
+                       "message_id": detail["message_id"], "state": detail["state"], "outcome": outcome,
+                       "connection_id": detail["connection_id"], "trace": detail["trace"],
+                       "deliveries": detail["deliveries"]})
+            return
+        _matches(found, f"message {detail['id']}")
+        typer.echo(f"{detail['id']} {detail['message_id'] or ''}".rstrip())
+        typer.echo(f"from <{detail['mail_from']}> at {_when(detail['received_at'])}: {outcome}")
+        _print_trace(detail["trace"])
+        for d in detail["deliveries"]:
+            typer.echo(f"  delivery {_when(d['at'])} {d['recipient']}: {d['outcome']} ({d['reply']})")
         return
-    typer.echo(f"{detail['id']} {detail['message_id'] or ''}".rstrip())
-    typer.echo(f"from <{detail['mail_from']}> at {_when(detail['received_at'])}: {outcome}")
+    if as_json:
+        emit_json({"kind": "connection", "matched": found["matched"], "reject": found.get("reject"), **detail})
+        return
+    reject = found.get("reject")
+    _matches(found, f"the refusal at {_when(reject['at'])} on connection {detail['id']}" if reject else "")
+    typer.echo(f"connection {detail['id']} from {detail['peer_ip']} (HELO {detail['helo'] or '-'}) "
+               f"via {detail['listener']}, {_when(detail['started_at'])} to {_when(detail['ended_at'])}: "
+               f"{len(detail['queued'])} message(s) queued, {detail['rejected']} command(s) refused")
     _print_trace(detail["trace"])
-    for d in detail["deliveries"]:
-        typer.echo(f"  delivery {_when(d['at'])} {d['recipient']}: {d['outcome']} ({d['reply']})")
+    for m in detail["queued"]:
+        typer.echo(f"  queued {m['id']} from <{m['mail_from']}>: {OUTCOMES[m['state']]}")
+
+
+def _matches(found: dict, shown: str) -> None:
+    """For an address: how many things matched and which one follows."""
+    if "messages" in found:
+        typer.echo(f"{found['matched']} match(es): {found['messages']} message(s), {found['refused']} refused "
+                   f"command(s); showing the most recent, {shown}")

@@ -10,10 +10,11 @@ from typing import List, Optional
 import typer
 
 from cli.common import (JSON, control, emit, emit_json, engine_running, fail, guarded, progress, read_store,
-                        write_store)
+                        transaction, write_store)
 from mailbox_guard import queue as q
+from mailbox_guard.dsn import human_duration
 
-app = typer.Typer(help="The mail queue: list, show, retry, hold, release, delete, flush.\n\n"
+app = typer.Typer(help="The mail queue: list, show, summary, retry, hold, release, delete, flush, purge.\n\n"
                   "Example: mailbox-guard queue list --state deferred",
                   no_args_is_help=True)
 
@@ -33,10 +34,8 @@ def queue_list(state: List[str] = typer.Option([], "--state", help=f"Only these 
 
     Example: mailbox-guard queue list --state deferred --search example.org --json
     """
-    bad = [s for s in state if s not in STATES]
-    if bad:
-        raise typer.BadParameter(f"unknown state {bad[0]!r} ({', '.join(STATES)})", param_hint="--state")
-    rows = read_store(lambda c: q.list_messages(c, states=list(state) or None, search=search, limit=limit))
+    states = _states(state)
+    rows = read_store(lambda c: q.list_messages(c, states=states or None, search=search, limit=limit))
     if not as_json:
         for r in rows:
             r["received"] = _when(r["received_at"])
@@ -44,11 +43,31 @@ def queue_list(state: List[str] = typer.Option([], "--state", help=f"Only these 
 
 
 @app.command("show")
-def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."), as_json: bool = JSON) -> None:
+def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."),
+               raw: bool = typer.Option(False, "--raw", help="Print the message as stored (like postcat -q)."),
+               body: bool = typer.Option(False, "--body", help="Print only its body (after the headers)."),
+               as_json: bool = JSON) -> None:
     """Show one message: envelope, recipients, headers, deliveries and verdict trace.
 
-    Example: mailbox-guard queue show 1A230E0D1D10048A2195
+    With --raw the message itself, as stored (our Received: header first); with --body
+    its body only. Delivered and bounced messages keep their record, not their content.
+
+    Example: mailbox-guard queue show 1A230E0D1D10048A2195 --raw | less
     """
+    if raw or body:
+        if as_json:
+            raise typer.BadParameter("--raw and --body print the message itself, not JSON", param_hint="--json")
+        found, data = read_store(lambda c: (lambda i: (i, i and q.raw_message(c, i)))(q.find_message(c, message)))
+        if found is None:
+            fail(f"no message {message} in the queue")
+        if data is None:
+            fail(f"{found}: the content is no longer kept (delivered or bounced)")
+        if body:
+            data = _body_of(data)
+        out = typer.get_binary_stream("stdout")
+        out.write(data)
+        out.flush()
+        return
     detail = read_store(lambda c: q.find_detail(c, message))
     if detail is None:
         fail(f"no message {message} in the queue")
@@ -75,6 +94,39 @@ def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."
             typer.echo(f"  {_when(d['at'])}  {d['recipient']}  {d['outcome']}  {d['remote'] or '-'}  {d['reply'] or ''}")
 
 
+def _body_of(data: bytes) -> bytes:
+    for end in (b"\r\n\r\n", b"\n\n"):
+        at = data.find(end)
+        if at >= 0:
+            return data[at + len(end):]
+    return b""
+
+
+@app.command("summary")
+def queue_summary(state: List[str] = typer.Option([], "--state",
+                                                  help="Only these states (default: deferred)."),
+                  as_json: bool = JSON) -> None:
+    """Per destination domain (like qshape): messages, recipients, age of the oldest.
+
+    Example: mailbox-guard queue summary --json
+    """
+    states = _states(state) or ["deferred"]
+    rows = read_store(lambda c: q.summary(c, states, time.time()))
+    if not as_json:
+        for r in rows:
+            r["oldest"] = human_duration(r["oldest_age_seconds"])
+        if not rows:
+            typer.echo(f"no {' or '.join(states)} mail", err=True)
+    emit(rows, as_json, ["domain", "messages", "recipients", "oldest"])
+
+
+def _states(values: List[str], hint: str = "--state") -> list[str]:
+    bad = [s for s in values if s not in STATES]
+    if bad:
+        raise typer.BadParameter(f"unknown state {bad[0]!r} ({', '.join(STATES)})", param_hint=hint)
+    return list(values)
+
+
 def _print_trace(trace: list[dict]) -> None:
     typer.echo("verdict trace:")
     for v in trace:
@@ -86,56 +138,116 @@ def _print_trace(trace: list[dict]) -> None:
             typer.echo(f"           detail: {v['detail']}")
 
 
-def _act(method: str, offline, message: Optional[str] = None) -> dict:
-    if engine_running():
-        params = {"id": message} if message is not None else {}
-        return guarded(lambda: control().call(method, **params))
-    return write_store(offline)
+# action -> (control method, the same on the store, what the operator is told)
+ACTIONS = {
+    "retry": ("queue.retry", lambda c, i: q.retry_now(c, i, time.time()), "will be retried now"),
+    "hold": ("queue.hold", q.hold, "on hold"),
+    "release": ("queue.release", lambda c, i: q.release(c, i, time.time()), "released"),
+    "delete": ("queue.delete", q.delete, "deleted"),
+}
+IDS = typer.Argument(None, metavar="[ID]...", help="Queue id(s).", show_default=False)
+ALL = typer.Option(False, "--all", help="Every message where the action applies (narrow with --state, --to-domain).")
+STATE = typer.Option([], "--state", help="With --all: only messages in this state.")
+TO_DOMAIN = typer.Option(None, "--to-domain", metavar="DOMAIN",
+                         help="With --all: only messages with a pending recipient in this domain.")
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def _one(running: bool, action: str, message: str) -> Optional[str]:
+    """Apply an action to one message; the reason when it cannot apply."""
+    from mailbox_guard.control_client import ControlCallError
+    method, offline, _ = ACTIONS[action]
+    try:
+        if running:
+            control().call(method, id=message)
+        else:
+            transaction(lambda c: offline(c, message))
+    except q.QueueActionError as exc:
+        return str(exc)
+    except ControlCallError as exc:
+        return exc.message
+    return None
+
+
+def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str], to_domain: Optional[str],
+         yes: bool = True) -> None:
+    """Every named message (each failure reported, exit 1 if any), or with --all every
+    message that matches, in one transaction."""
+    messages = [m.upper() for m in messages or []]
+    if all_ == bool(messages):
+        raise typer.BadParameter("queue id(s) and --all do not go together" if all_ else
+                                 "give queue id(s) or --all", param_hint="ID")
+    if (state or to_domain) and not all_:
+        raise typer.BadParameter("--state and --to-domain go with --all", param_hint="--all")
+    states = _states(state) or None
+    _, _, done = ACTIONS[action]
+    running = engine_running()
+    if all_:
+        if not yes:
+            n = len(read_store(lambda c: q.bulk_ids(c, action, states, to_domain)))
+            if n and not typer.confirm(f"{action} {n} message(s) without a bounce?", err=True):
+                fail("nothing deleted")
+        if running:
+            ids = guarded(lambda: control().call("queue.bulk", action=action, states=states,
+                                                 to_domain=to_domain))["ids"]
+        else:
+            ids = write_store(lambda c: q.bulk(c, action, now=time.time(), states=states, to_domain=to_domain))
+        typer.echo(f"{len(ids)} message(s) {done}")
+        return
+    if not yes and not typer.confirm(f"{action} {len(messages)} message(s) without a bounce?", err=True):
+        fail("nothing deleted")
+    failed = 0
+    for m in messages:
+        error = guarded(lambda m=m: _one(running, action, m))
+        if error:
+            failed += 1
+            typer.echo(f"mailbox-guard: {error}", err=True)
+        else:
+            typer.echo(f"{m}: {done}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("retry")
-def queue_retry(message: str = typer.Argument(..., help="Queue id.")) -> None:
-    """Try to deliver a queued or deferred message now.
+def queue_retry(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: List[str] = STATE,
+                to_domain: Optional[str] = TO_DOMAIN) -> None:
+    """Try to deliver queued or deferred messages now (the retry schedule is not used up).
 
-    Example: mailbox-guard queue retry 1A230E0D1D10048A2195
+    Example: mailbox-guard queue retry --all --to-domain example.org
     """
-    _act("queue.retry", lambda c: q.retry_now(c, message.upper(), time.time()), message)
-    typer.echo(f"{message.upper()}: will be retried now")
+    _act("retry", messages, all_, state, to_domain)
 
 
 @app.command("hold")
-def queue_hold(message: str = typer.Argument(..., help="Queue id.")) -> None:
-    """Park a message: it is not delivered until released.
+def queue_hold(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: List[str] = STATE,
+               to_domain: Optional[str] = TO_DOMAIN) -> None:
+    """Park messages: they are not delivered until released.
 
     Example: mailbox-guard queue hold 1A230E0D1D10048A2195
     """
-    _act("queue.hold", lambda c: q.hold(c, message.upper()), message)
-    typer.echo(f"{message.upper()}: on hold")
+    _act("hold", messages, all_, state, to_domain)
 
 
 @app.command("release")
-def queue_release(message: str = typer.Argument(..., help="Queue id.")) -> None:
-    """Release a held message for delivery.
+def queue_release(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: List[str] = STATE,
+                  to_domain: Optional[str] = TO_DOMAIN) -> None:
+    """Release held messages for delivery.
 
-    Example: mailbox-guard queue release 1A230E0D1D10048A2195
+    Example: mailbox-guard queue release --all
     """
-    _act("queue.release", lambda c: q.release(c, message.upper(), time.time()), message)
-    typer.echo(f"{message.upper()}: released")
+    _act("release", messages, all_, state, to_domain)
 
 
 @app.command("delete")
-def queue_delete(messages: List[str] = typer.Argument(..., help="Queue id(s)."),
-                 yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")) -> None:
-    """Delete messages from the queue (no bounce is sent).
+def queue_delete(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: List[str] = STATE,
+                 to_domain: Optional[str] = TO_DOMAIN, yes: bool = YES) -> None:
+    """Delete messages from the queue (no bounce is sent); asks first unless --yes.
 
-    Example: mailbox-guard queue delete 1A230E0D1D10048A2195 --yes
+    Each unknown id is reported; the others are deleted all the same (exit 1).
+
+    Example: mailbox-guard queue delete --all --state deferred --to-domain example.org --yes
     """
-    if not yes:
-        if not typer.confirm(f"delete {len(messages)} message(s) without a bounce?", err=True):
-            fail("nothing deleted")
-    for m in messages:
-        _act("queue.delete", lambda c, m=m: q.delete(c, m.upper()), m)
-        typer.echo(f"{m.upper()}: deleted")
+    _act("delete", messages, all_, state, to_domain, yes)
 
 
 @app.command("flush")

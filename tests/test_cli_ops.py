@@ -1,0 +1,249 @@
+"""Operator commands against a real engine, run as an admin runs them (subprocess):
+refused commands found by `rejects` and `messages why`, read-only commands on a home
+that does not exist, the raw message, bulk queue actions, the per-domain summary, and
+manual retries that leave the retry schedule alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, free_port, make_message
+
+
+def mg(home, *args, input=None):
+    return subprocess.run([sys.executable, "-m", "mailbox_guard", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, input=input)
+
+
+def one_error_line(out, text):
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert len(out.stderr.strip().splitlines()) == 1 and text in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def refuse_two(gw) -> str:
+    """One session: a relay-denied and an unknown-user RCPT; its connection id."""
+    with gw.smtp() as s:
+        s.ehlo()
+        s.mail("alice@sender.test")
+        assert s.rcpt("x@other.test")[0] == 554
+        assert s.rcpt("nobody@example.test")[0] == 550
+    gw.wait_until(lambda: gw.query("SELECT rejected FROM connections WHERE rejected = 2"), what="connection row")
+    return gw.query("SELECT id FROM connections WHERE rejected = 2")[0]["id"]
+
+
+def test_rejects_and_why_find_refused_recipients(gateway):
+    gateway.policy().add_domain("example.test", "127.0.0.1:9")
+    gateway.policy().add_recipient("alice@example.test")      # a recipient list: others get 550
+    gateway.start()
+    conn_id = refuse_two(gateway)
+
+    out = gateway.cli("rejects")
+    assert "x@other.test" in out.stdout and "nobody@example.test" in out.stdout
+    assert "rcpt_relay/RELAY_DENIED" in out.stdout and "rcpt_recipients/RCPT_UNKNOWN_USER" in out.stdout
+    assert conn_id in out.stdout and "127.0.0.1" in out.stdout and "554 5.7.1" in out.stdout
+
+    rows = json.loads(gateway.cli("rejects", "--json").stdout)
+    assert [(r["recipient"], r["symbol"], r["reply"][:9], r["client"], r["connection"], r["phase"])
+            for r in rows] == [
+        ("nobody@example.test", "RCPT_UNKNOWN_USER", "550 5.1.1", "127.0.0.1", conn_id, "rcpt"),
+        ("x@other.test", "RELAY_DENIED", "554 5.7.1", "127.0.0.1", conn_id, "rcpt")]
+
+    def recipients(*filters):
+        return [r["recipient"] for r in json.loads(gateway.cli("rejects", "--json", *filters).stdout)]
+    assert recipients("--check", "RELAY_DENIED") == ["x@other.test"]
+    assert recipients("--check", "rcpt_recipients") == ["nobody@example.test"]
+    assert recipients("--recipient", "@example.test") == ["nobody@example.test"]
+    assert recipients("--recipient", "X@Other.test") == ["x@other.test"]
+    assert recipients("--client", "127.0.0.1", "--since", "1h") == ["nobody@example.test", "x@other.test"]
+    assert recipients("--client", "192.0.2.1") == []
+    assert recipients("--limit", "1") == ["nobody@example.test"]
+    one_error_line(gateway.cli("rejects", "--since", "soon", check=False), "not a duration")
+    assert gateway.cli("rejects", "--client", "not-an-ip", check=False).returncode == 2
+
+    # The connection's whole session, refusals included.
+    why = gateway.cli("messages", "why", conn_id).stdout
+    assert f"connection {conn_id} from 127.0.0.1" in why and "2 command(s) refused" in why
+    assert "RELAY_DENIED" in why and "RCPT_UNKNOWN_USER" in why
+    data = json.loads(gateway.cli("messages", "why", conn_id.lower(), "--json").stdout)
+    assert data["kind"] == "connection" and data["id"] == conn_id and data["peer_ip"] == "127.0.0.1"
+    assert {"RELAY_DENIED", "RCPT_UNKNOWN_USER"} <= {v["symbol"] for v in data["trace"]}
+
+    # By recipient: the most recent of its messages and refusals, and how many matched.
+    time.sleep(0.05)
+    with gateway.smtp() as s:
+        s.sendmail("carol@sender.test", ["alice@example.test"], make_message(to="alice@example.test"))
+    why = gateway.cli("messages", "why", "nobody@example.test").stdout
+    assert why.startswith("1 match(es): 0 message(s), 1 refused command(s); showing the most recent, the refusal")
+    assert "RCPT_UNKNOWN_USER" in why
+    data = json.loads(gateway.cli("messages", "why", "<nobody@example.test>", "--json").stdout)
+    assert data["kind"] == "connection" and data["matched"] == 1 and data["id"] == conn_id
+    assert data["reject"]["recipient"] == "nobody@example.test" and data["reject"]["reply"].startswith("550 5.1.1")
+    data = json.loads(gateway.cli("messages", "why", "alice@example.test", "--json").stdout)
+    assert data["kind"] == "message" and data["matched"] == 1
+    assert "QUEUED" in [v["symbol"] for v in data["trace"]]
+    one_error_line(gateway.cli("messages", "why", "nobody@nowhere.test", check=False), "nothing is known")
+
+
+def test_rejects_show_the_sender_of_the_transaction(gateway):
+    gateway.policy().add_domain("example.test", "127.0.0.1:9")
+    gateway.policy().add_recipient("alice@example.test")
+    gateway.start()
+    refuse_two(gateway)
+    with gateway.smtp() as s:       # a second transaction in one session: its own sender
+        s.ehlo()
+        s.mail("zed@sender.test")
+        assert s.rcpt("y@other.test")[0] == 554
+        s.rset()
+        s.mail("alice@sender.test")
+        s.rcpt("alice@example.test")
+    gateway.wait_until(lambda: len(gateway.query("SELECT id FROM connections WHERE rejected > 0")) == 2,
+                       what="second connection")
+    rows = json.loads(gateway.cli("rejects", "--json").stdout)
+    assert [(r["sender"], r["recipient"]) for r in rows] == [
+        ("zed@sender.test", "y@other.test"), ("alice@sender.test", "nobody@example.test"),
+        ("alice@sender.test", "x@other.test")]
+    rows = json.loads(gateway.cli("rejects", "--json", "--sender", "zed@sender.test").stdout)
+    assert [r["recipient"] for r in rows] == ["y@other.test"]
+    why = gateway.cli("messages", "why", "zed@sender.test").stdout
+    assert why.startswith("1 match(es)") and "y@other.test" in why
+
+
+def test_read_only_commands_do_not_create_a_home(tmp_path):
+    home = tmp_path / "typo"
+    for args in (["status"], ["status", "--json"], ["domains", "list"], ["queue", "list"], ["rejects"],
+                 ["queue", "summary"], ["queue", "show", "X"], ["messages", "why", "a@b.test"],
+                 ["config", "show"], ["config", "export"], ["networks", "list"], ["users", "list"],
+                 ["recipients", "list"], ["listeners", "list"], ["auth", "bans"],
+                 ["queue", "delete", "X", "--yes"], ["queue", "flush"]):
+        out = mg(home, *args)
+        one_error_line(out, f"no mailbox-guard home at {home} (use --home, or start it with `serve`)")
+        assert not home.exists(), args
+    assert mg(home, "domains", "add", "example.test").returncode == 0    # a policy edit creates it
+    assert json.loads(mg(home, "domains", "list", "--json").stdout) == [
+        {"name": "example.test", "next_hop": None}]
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "mailbox_guard", "--version"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    from mailbox_guard import __version__
+    assert out.returncode == 0 and out.stdout == f"mailbox-guard {__version__}\n"
+
+
+def deferred(gw, n):
+    gw.wait_until(lambda: len(gw.query("SELECT id FROM messages WHERE state = 'deferred'")) == n,
+                  what=f"{n} deferred")
+
+
+def test_raw_message_and_body(gateway):
+    gateway.configure(**{"queue.retry_schedule": "1h"})
+    gateway.policy().add_domain("example.test", "127.0.0.1:9")
+    gateway.start()
+    original = make_message(subject="raw", body="line one\r\n.dot\r\n", message_id="<raw-1@client.test>")
+    with gateway.smtp() as s:
+        s.sendmail("alice@sender.test", ["bob@example.test"], original)
+    deferred(gateway, 1)
+    queue_id = gateway.query("SELECT id FROM messages")[0]["id"]
+    raw = subprocess.run([sys.executable, "-m", "mailbox_guard", "queue", "show", queue_id, "--raw"],
+                         env=gateway.env, capture_output=True, timeout=60, cwd=ROOT)
+    assert raw.returncode == 0
+    assert raw.stdout.startswith(b"Received: from client.test ([127.0.0.1])") and raw.stdout.endswith(original)
+    body = subprocess.run([sys.executable, "-m", "mailbox_guard", "queue", "show", "<raw-1@client.test>",
+                           "--body"], env=gateway.env, capture_output=True, timeout=60, cwd=ROOT)
+    assert body.stdout == b"line one\r\n.dot\r\n"
+    assert gateway.cli("queue", "show", queue_id, "--raw", "--json", check=False).returncode == 2
+    one_error_line(gateway.cli("queue", "show", "NOSUCH", "--raw", check=False), "no message NOSUCH")
+
+
+def test_bulk_actions_summary_and_delete_of_many(gateway):
+    gateway.configure(**{"queue.retry_schedule": "1h"})
+    for domain in ("a.test", "b.test"):
+        gateway.policy().add_domain(domain, "127.0.0.1:9")
+    gateway.start()
+    with gateway.smtp() as s:
+        for to in ("u1@a.test", "u2@a.test", "u3@b.test"):
+            s.sendmail("alice@sender.test", [to], make_message(to=to))
+        s.sendmail("alice@sender.test", ["u4@a.test", "u5@a.test"], make_message())
+    deferred(gateway, 4)
+    rows = json.loads(gateway.cli("queue", "summary", "--json").stdout)
+    assert [(r["domain"], r["messages"], r["recipients"]) for r in rows] == [("a.test", 3, 4), ("b.test", 1, 1)]
+    assert all(0 <= r["oldest_age_seconds"] < 60 for r in rows)
+    text = gateway.cli("queue", "summary").stdout
+    assert text.splitlines()[0].split() == ["DOMAIN", "MESSAGES", "RECIPIENTS", "OLDEST"]
+    assert "a.test" in text and "second" in text
+
+    def states():
+        return {r["state"]: r["n"] for r in gateway.query("SELECT state, count(*) AS n FROM messages GROUP BY state")}
+    assert gateway.cli("queue", "hold", "--all", "--to-domain", "A.test").stdout.strip() == "3 message(s) on hold"
+    assert states() == {"hold": 3, "deferred": 1}
+    one_error_line(gateway.cli("queue", "release", "--all", "--state", "deferred", check=False),
+                   "release applies to hold messages, not deferred ones")
+    assert gateway.cli("queue", "release", "--all").stdout.strip() == "3 message(s) released"
+    gateway.wait_until(lambda: states() == {"deferred": 4}, what="released and deferred again")
+    for argv in (["queue", "hold"], ["queue", "hold", "X", "--all"], ["queue", "hold", "X", "--state", "hold"],
+                 ["queue", "delete", "--all", "--state", "nonsense"]):
+        assert gateway.cli(*argv, check=False).returncode == 2, argv
+
+    # Delete asks first (here on stdin) and does nothing on "no".
+    out = gateway.cli("queue", "delete", "--all", "--to-domain", "b.test", check=False, input="n\n")
+    assert out.returncode == 1 and "delete 1 message(s) without a bounce?" in out.stderr
+    assert states() == {"deferred": 4}
+    out = gateway.cli("queue", "delete", "--all", "--state", "deferred", "--to-domain", "b.test", input="y\n")
+    assert out.stdout.strip() == "1 message(s) deleted" and states() == {"deferred": 3}
+
+    # Several ids: every known one is deleted, every unknown one reported, exit 1.
+    a, b = [r["id"] for r in gateway.query("SELECT id FROM messages ORDER BY id LIMIT 2")]
+    out = gateway.cli("queue", "delete", a, "NOSUCH1", b.lower(), "NOSUCH2", "--yes", check=False)
+    assert out.returncode == 1 and out.stdout.splitlines() == [f"{a}: deleted", f"{b}: deleted"]
+    assert out.stderr.splitlines() == ["mailbox-guard: no message NOSUCH1 in the queue",
+                                       "mailbox-guard: no message NOSUCH2 in the queue"]
+    assert states() == {"deferred": 1}
+
+    # The same while the engine is stopped: straight on the store.
+    gateway.stop()
+    assert gateway.cli("queue", "hold", "--all").stdout.strip() == "1 message(s) on hold"
+    assert gateway.cli("queue", "delete", "--all", "--yes").stdout.strip() == "1 message(s) deleted"
+    assert states() == {}
+
+
+def test_manual_retry_does_not_use_up_the_schedule(gateway):
+    gateway.configure(**{"queue.retry_schedule": "10m,1h"})
+    port = free_port()              # nothing listens: connection refused
+    gateway.policy().add_domain("example.test", f"127.0.0.1:{port}")
+    gateway.start()
+    with gateway.smtp() as s:
+        s.sendmail("alice@sender.test", ["bob@example.test"], make_message())
+    deferred(gateway, 1)
+
+    def row():
+        return gateway.query("SELECT id, attempts, next_attempt, last_error, "
+                             "(SELECT max(at) FROM delivery_log) AS last, "
+                             "(SELECT count(*) FROM delivery_log) AS tries FROM messages")[0]
+    first = row()
+    assert first["attempts"] == 1 and 590 < first["next_attempt"] - first["last"] < 610
+    assert first["last_error"] == f"4.4.1 connection refused by 127.0.0.1:{port}"
+    for command, tries in ((["queue", "retry", first["id"]], 2), (["queue", "flush"], 3)):
+        gateway.cli(*command)
+        gateway.wait_until(lambda: row()["tries"] == tries and gateway.query(
+            "SELECT state FROM messages")[0]["state"] == "deferred", what=f"attempt {tries}")
+        now = row()
+        assert now["attempts"] == 1, command              # the schedule's step is unchanged
+        assert 590 < now["next_attempt"] - now["last"] < 610, command
+
+
+def test_status_warns_about_an_open_relay(gateway):
+    gateway.policy()
+    with gateway.db() as db:       # as an older version (without the --force check) let it in
+        db.execute("INSERT INTO networks (cidr, comment, created_at) VALUES ('0.0.0.0/0', '', 0), "
+                   "('10.0.0.0/8', '', 0)")
+    out = gateway.cli("status", check=False)
+    assert out.returncode == 1
+    assert "WARNING: trusted network 0.0.0.0/0 lets much of the Internet relay" in out.stdout
+    assert "10.0.0.0/8" not in out.stdout
+    gateway.start()
+    data = json.loads(gateway.cli("status", "--json").stdout)
+    assert data["running"] and len(data["warnings"]) == 1 and "0.0.0.0/0" in data["warnings"][0]

@@ -40,15 +40,25 @@ TABLE = [
     ("config import", ["{policy}", "--dry-run"], True, 0),
     ("queue list", [], True, 0),
     ("queue show", ["{id}"], True, 0),
+    ("queue show", ["{id}", "--raw"], False, 0),
+    ("queue show", ["{id}", "--body"], False, 0),
+    ("queue summary", [], True, 0),
+    ("queue hold", ["--all", "--to-domain", "nosuch.test"], False, 0),
+    ("queue release", ["--all", "--state", "hold"], False, 0),
     ("queue hold", ["{id}"], False, 0),
     ("queue release", ["{id}"], False, 0),
     ("queue retry", ["{id}"], False, 1),          # just released: it may be active; both are fine
     ("queue flush", [], True, 0),
     ("queue delete", ["NOSUCHID", "--yes"], False, 1),
+    ("queue delete", ["--all", "--state", "hold", "--to-domain", "nosuch.test", "--yes"], False, 0),
     ("queue purge", ["--older-than", "1d"], True, 0),
     ("connections list", [], True, 0),
     ("connections kill", ["C-NO-SUCH"], False, 1),
     ("messages why", ["{msgid}"], True, 0),
+    ("messages why", ["bob@example.test"], True, 0),
+    ("messages why", ["C-NO-SUCH"], False, 1),
+    ("rejects", [], True, 0),
+    ("rejects", ["--since", "1h", "--check", "RELAY_DENIED", "--client", "127.0.0.1"], True, 0),
     ("tls show", [], True, 0),
     ("users add", ["u1@example.test", "--password-stdin"], False, 0),
     ("users passwd", ["u1@example.test", "--password-stdin"], False, 0),
@@ -160,6 +170,8 @@ def test_usage_errors_exit_2(engine_home):
 
 def test_status_when_the_engine_is_down_still_reads_the_store(tmp_path):
     home = tmp_path / "h"
+    from mailbox_guard.store import ensure_home
+    ensure_home(home)            # status on a home that does not exist fails (tests/test_cli_ops.py)
     out = subprocess.run([sys.executable, "-m", "mailbox_guard", "--home", str(home), "status", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 1

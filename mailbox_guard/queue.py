@@ -499,14 +499,18 @@ def explain(conn: sqlite3.Connection, key: str) -> dict | None:
         f"(SELECT message_id FROM message_recipients WHERE {sql_to}) ORDER BY received_at DESC",
         a1 + a2).fetchall()
     refused = {(r["connection"], r["at"], r["phase"], r["recipient"]): r
-               for r in rejects(conn, sender=address, limit=10000) + rejects(conn, recipient=address, limit=10000)
-               if r["queue_id"] is None}       # those of queued messages are in their trace
-    newest = max(refused.values(), key=lambda r: r["at"], default=None)
-    counts = {"matched": len(messages) + len(refused), "messages": len(messages), "refused": len(refused)}
+               for r in rejects(conn, sender=address, limit=10000) + rejects(conn, recipient=address, limit=10000)}
+    ids = {m[0] for m in messages}
+    refused_only = [r for r in refused.values() if r["queue_id"] not in ids]   # else counted as a message
+    newest = max(refused_only, key=lambda r: r["at"], default=None)
+    counts = {"matched": len(messages) + len(refused_only), "messages": len(messages),
+              "refused": len(refused_only)}
     if messages and (newest is None or messages[0][1] >= newest["at"]):
         return {"kind": "message", **counts, "detail": message_detail(conn, messages[0][0])}
-    if newest is not None:
-        detail = connection_detail(conn, newest["connection"])
-        if detail is not None:
-            return {"kind": "connection", **counts, "detail": detail, "reject": newest}
-    return None
+    if newest is None:
+        return None
+    if newest["queue_id"]:       # refused within a transaction that queued mail for others
+        detail = message_detail(conn, newest["queue_id"])
+        return {"kind": "message", **counts, "detail": detail, "reject": newest} if detail else None
+    detail = connection_detail(conn, newest["connection"])
+    return {"kind": "connection", **counts, "detail": detail, "reject": newest} if detail else None

@@ -74,8 +74,16 @@ def test_rejects_and_why_find_refused_recipients(gateway):
 
     # By recipient: the most recent of its messages and refusals, and how many matched.
     time.sleep(0.05)
-    with gateway.smtp() as s:
-        s.sendmail("carol@sender.test", ["alice@example.test"], make_message(to="alice@example.test"))
+    with gateway.smtp() as s:       # one refused, one accepted: the refusal is kept with the message
+        refused = s.sendmail("carol@sender.test", ["nobody2@example.test", "alice@example.test"],
+                             make_message(to="alice@example.test"))
+    assert list(refused) == ["nobody2@example.test"]
+    queue_id = gateway.query("SELECT id FROM messages")[0]["id"]
+    [row] = json.loads(gateway.cli("rejects", "--json", "--recipient", "nobody2@example.test").stdout)
+    assert (row["sender"], row["queue_id"], row["symbol"]) == ("carol@sender.test", queue_id, "RCPT_UNKNOWN_USER")
+    data = json.loads(gateway.cli("messages", "why", "nobody2@example.test", "--json").stdout)
+    assert data["kind"] == "message" and data["id"] == queue_id and data["matched"] == 1
+    assert data["reject"]["recipient"] == "nobody2@example.test"
     why = gateway.cli("messages", "why", "nobody@example.test").stdout
     assert why.startswith("1 match(es): 0 message(s), 1 refused command(s); showing the most recent, the refusal")
     assert "RCPT_UNKNOWN_USER" in why

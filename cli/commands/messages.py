@@ -37,12 +37,15 @@ def messages_why(key: str = typer.Argument(..., metavar="KEY",
     if found["kind"] == "message":
         outcome = OUTCOMES[detail["state"]]
         if as_json:
-            emit_json({"kind": "message", "matched": found["matched"], "id": detail["id"],
+            emit_json({"kind": "message", "matched": found["matched"], "reject": found.get("reject"),
+                       "id": detail["id"],
                        "message_id": detail["message_id"], "state": detail["state"], "outcome": outcome,
                        "connection_id": detail["connection_id"], "trace": detail["trace"],
                        "deliveries": detail["deliveries"]})
             return
-        _matches(found, f"message {detail['id']}")
+        reject = found.get("reject")
+        _matches(found, f"the refusal at {_when(reject['at'])} in the transaction of message {detail['id']}"
+                 if reject else f"message {detail['id']}")
         typer.echo(f"{detail['id']} {detail['message_id'] or ''}".rstrip())
         typer.echo(f"from <{detail['mail_from']}> at {_when(detail['received_at'])}: {outcome}")
         _print_trace(detail["trace"])

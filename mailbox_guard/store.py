@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import SETTINGS, SettingError, parse_hostport, parse_setting
+from .config import SETTINGS, SettingError, parse_endpoint, parse_setting
 
 log = logging.getLogger("mailbox_guard.store")
 
@@ -384,22 +384,71 @@ class DomainRow:
     next_hop: str | None
 
 
-def normalise_domain(name: str) -> str:
-    """A guarded domain as stored: lower-case, no trailing dot, IDNA-encoded, checked."""
-    text = str(name).strip().rstrip(".").lower()
+# Trusting a network that wide lets a good part of the Internet relay through us:
+# public networks with a prefix this short or shorter are refused without --force.
+OPEN_RELAY_PREFIX = {4: 8, 6: 16}
+
+
+def _idna_encode(text: str) -> str:
+    """IDNA 2008 with UTS #46 mapping (the idna package) when installed, so that a
+    name like faß.de gets the A-label registries use; else the stdlib's IDNA 2003."""
     try:
-        text = text.encode("idna").decode("ascii")
+        import idna
+    except ImportError:
+        return text.encode("idna").decode("ascii")
+    return idna.encode(text, uts46=True).decode("ascii")
+
+
+def domain_unicode(name: str) -> str:
+    """The U-label form of a stored (A-label) domain, for display."""
+    if "xn--" not in name:
+        return name
+    try:
+        import idna
+        return idna.decode(name)
+    except ImportError:
+        return name.encode("ascii").decode("idna")
+    except UnicodeError:
+        return name
+
+
+def normalise_domain(name: str) -> str:
+    """A guarded domain as stored: lower-case, no trailing dot, IDNA A-labels, checked;
+    the same for every spelling (U-label, A-label, upper case), so that add, remove and
+    lookups agree. IP addresses are not domains."""
+    text = str(name).strip().rstrip(".")
+    try:
+        # Plain ASCII needs no IDNA pass (the pattern below checks it); A-labels do,
+        # so that a malformed xn-- label is refused.
+        text = text.lower() if text.isascii() and "xn--" not in text.lower() else _idna_encode(text)
     except UnicodeError:
         raise SettingError(f"not a domain name: {name!r}") from None
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+", text):
+    if ":" in text or re.fullmatch(r"[0-9.]+", text):
+        raise SettingError(f"an IP address is not a domain name: {name!r} (e.g. example.org)")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+", text) \
+            or text.rpartition(".")[2].isdigit():
         raise SettingError(f"not a domain name: {name!r} (e.g. example.org)")
     return text
+
+
+def normalise_address(text: str) -> str:
+    """A recipient as stored: local@domain, parsed as an SMTP path would be (no spaces,
+    quotes, routes or literals), the domain normalised like a guarded domain."""
+    from .addresses import PathError, parse_path
+    raw = str(text).strip()
+    try:
+        path = parse_path(f"<{raw}>")
+    except PathError:
+        path = None
+    if path is None or not path.domain or path.quoted_local or path.route or path.literal or path.trailing_dot:
+        raise SettingError(f"not an address: {raw!r} (e.g. alice@example.org)")
+    return f"{path.local}@{normalise_domain(path.domain)}"
 
 
 def normalise_next_hop(text: str | None) -> str | None:
     if text is None or text == "":
         return None
-    host, port = parse_hostport(text, default_port=25)
+    host, port = parse_endpoint(text, default_port=25)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -408,6 +457,27 @@ def normalise_network(text: str) -> str:
         return str(ipaddress.ip_network(str(text).strip(), strict=False))
     except ValueError:
         raise SettingError(f"not an IP network: {text!r} (e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
+
+
+def open_relay_networks(cidrs) -> list[str]:
+    """Those of ``cidrs`` that make an open relay if trusted: public (not private,
+    loopback or otherwise reserved) networks of prefix length OPEN_RELAY_PREFIX or
+    shorter (IPv4 /8, IPv6 /16), such as 0.0.0.0/0 and ::/0. Unparsable entries are
+    left out (they trust nothing)."""
+    out = []
+    for cidr in cidrs:
+        try:
+            net = ipaddress.ip_network(str(cidr).strip(), strict=False)
+        except ValueError:
+            continue
+        if net.prefixlen <= OPEN_RELAY_PREFIX[net.version] and not net.is_private:
+            out.append(str(net))
+    return out
+
+
+def _policy_row(row) -> dict:
+    return {"scope": row["scope"], "min_length": row["min_length"], "min_classes": row["min_classes"],
+            "reject_common": bool(row["reject_common"]), "reject_name": bool(row["reject_name"])}
 
 
 class PolicyStore:
@@ -456,10 +526,44 @@ class PolicyStore:
             if conn.execute(f"UPDATE domains SET {option} = ? WHERE name = ?", (int(value), name)).rowcount == 0:
                 raise SettingError(f"{name} is not a guarded domain")
 
-    def remove_domain(self, name: str) -> bool:
+    def remove_domain(self, name: str) -> tuple[int, int] | None:
+        """Stop guarding a domain; its recipients, users (an account of a domain we no
+        longer guard must not authenticate), mechanisms and password policy go with it.
+        Returns (recipients, users) removed, None when it was not guarded."""
         name = normalise_domain(name)
         with self._tx() as conn:
-            return conn.execute("DELETE FROM domains WHERE name = ?", (name,)).rowcount > 0
+            count = lambda sql: conn.execute(sql, (name,)).fetchone()[0]   # noqa: E731
+            gone = (count("SELECT count(*) FROM recipients WHERE domain = ?"),
+                    count("SELECT count(*) FROM users WHERE domain = ?"))
+            if conn.execute("DELETE FROM domains WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            conn.execute("DELETE FROM users WHERE domain = ?", (name,))
+            conn.execute("DELETE FROM password_policy WHERE scope = ?", (name,))
+            return gone
+
+    def domain(self, name: str) -> dict:
+        """Every per-domain option of a guarded domain (raises SettingError if not)."""
+        name = normalise_domain(name)
+        with self._tx() as conn:
+            row = conn.execute("SELECT name, next_hop, anti_impersonation FROM domains "
+                               "WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise SettingError(f"{name} is not a guarded domain")
+            policy = (conn.execute("SELECT * FROM password_policy WHERE scope = ?", (name,)).fetchone()
+                      or conn.execute("SELECT * FROM password_policy WHERE scope = '*'").fetchone())
+            count = lambda sql: conn.execute(sql, (name,)).fetchone()[0]   # noqa: E731
+            return {"name": row["name"], "unicode": domain_unicode(row["name"]), "next_hop": row["next_hop"],
+                    "anti_impersonation": bool(row["anti_impersonation"]),
+                    "mechanisms": [r[0] for r in conn.execute(
+                        "SELECT mechanism FROM domain_mechanisms WHERE domain = ? ORDER BY mechanism", (name,))],
+                    "password_policy": _policy_row(policy) if policy else None,
+                    "recipients": count("SELECT count(*) FROM recipients WHERE domain = ?"),
+                    "users": count("SELECT count(*) FROM users WHERE domain = ?")}
+
+    def is_guarded(self, name: str) -> bool:
+        name = normalise_domain(name)
+        with self._tx() as conn:
+            return conn.execute("SELECT 1 FROM domains WHERE name = ?", (name,)).fetchone() is not None
 
     def domains(self) -> list[DomainRow]:
         with self._tx() as conn:
@@ -468,23 +572,39 @@ class PolicyStore:
 
     # recipients
     def add_recipient(self, address: str) -> str:
-        local, at, domain = str(address).strip().rpartition("@")
-        if not at or not local:
-            raise SettingError(f"not an address: {address!r} (e.g. alice@example.org)")
-        domain = normalise_domain(domain)
-        address = f"{local}@{domain}"
+        return self.add_recipients([address])[0]
+
+    def add_recipients(self, addresses: list[str], *, lines: list[int] | None = None,
+                       progress: Callable[[int], None] | None = None) -> list[str]:
+        """Add many recipients in one transaction: all or nothing. A bad entry raises
+        SettingError naming its line (``lines[i]``, e.g. in the file it came from) or
+        its position when there are several."""
+        items = list(addresses)
+        rows = []
         with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is None:
-                raise SettingError(f"{domain} is not a guarded domain; add it with "
-                                   f"`mailbox-guard domains add {domain}`")
-            conn.execute("INSERT OR IGNORE INTO recipients (address, domain, created_at) "
-                         "VALUES (?, ?, ?)", (address, domain, time.time()))
-        return address
+            guarded = {r[0] for r in conn.execute("SELECT name FROM domains")}
+            for n, address in enumerate(items, 1):
+                try:
+                    normal = normalise_address(address)
+                    domain = normal.rpartition("@")[2]
+                    if domain not in guarded:
+                        raise SettingError(f"{domain} is not a guarded domain; add it with "
+                                           f"`mailbox-guard domains add {domain}`")
+                except SettingError as exc:
+                    where = f"line {lines[n - 1]}: " if lines else f"entry {n}: " if len(items) > 1 else ""
+                    raise SettingError(f"{where}{exc}") from None
+                rows.append((normal, domain))
+                if progress is not None:
+                    progress(1)
+            now = time.time()
+            conn.executemany("INSERT OR IGNORE INTO recipients (address, domain, created_at) "
+                             "VALUES (?, ?, ?)", [(a, d, now) for a, d in rows])
+        return [a for a, _ in rows]
 
     def remove_recipient(self, address: str) -> bool:
+        address = normalise_address(address)
         with self._tx() as conn:
-            return conn.execute("DELETE FROM recipients WHERE address = ?",
-                                (str(address).strip(),)).rowcount > 0
+            return conn.execute("DELETE FROM recipients WHERE address = ?", (address,)).rowcount > 0
 
     def recipients(self, domain: str | None = None) -> list[str]:
         with self._tx() as conn:
@@ -496,8 +616,12 @@ class PolicyStore:
             return [r[0] for r in rows]
 
     # networks
-    def add_network(self, cidr: str, comment: str = "") -> str:
+    def add_network(self, cidr: str, comment: str = "", *, force: bool = False) -> str:
         cidr = normalise_network(cidr)
+        if not force and open_relay_networks([cidr]):
+            raise SettingError(f"trusting {cidr} would make an open relay (public networks of /"
+                               f"{OPEN_RELAY_PREFIX[ipaddress.ip_network(cidr).version]} or wider); "
+                               "add --force if you mean it")
         with self._tx() as conn:
             conn.execute("INSERT INTO networks (cidr, comment, created_at) VALUES (?, ?, ?) "
                          "ON CONFLICT(cidr) DO UPDATE SET comment = excluded.comment",
@@ -521,7 +645,7 @@ class PolicyStore:
             raise SettingError(f"unknown listener kind {kind!r} (inbound, submission, smtps)")
         if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
             raise SettingError(f"bad listener name {name!r} (letters, digits, - and _)")
-        host, port = parse_hostport(address)
+        host, port = parse_endpoint(address)
         if plaintext_auth:
             try:
                 loopback = ipaddress.ip_address(host).is_loopback

@@ -1,8 +1,9 @@
 """`mailbox-guard config`: settings one by one, and the whole policy as one TOML
-file (export, then import with a diff, applied in one transaction)."""
+file (export as a backup; import with a diff and a confirmation, in one transaction)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -10,9 +11,11 @@ from typing import Optional
 
 import typer
 
+from cli.commands.domains import YES, confirm
 from cli.common import JSON, emit, emit_json, fail, guarded, store
-from mailbox_guard.config import SETTINGS
-from mailbox_guard.policyfile import apply_policy, diff_policy, dump_policy, parse_policy, read_policy
+from mailbox_guard.config import SETTINGS, SettingError
+from mailbox_guard.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
+                                      read_state)
 
 app = typer.Typer(help="Settings and the whole policy as one TOML file.\n\n"
                   "Example: mailbox-guard config set queue.retry_schedule 1m,5m,15m,1h,4h",
@@ -20,15 +23,29 @@ app = typer.Typer(help="Settings and the whole policy as one TOML file.\n\n"
 
 
 @app.command("show")
-def config_show(as_json: bool = JSON) -> None:
+def config_show(changed: bool = typer.Option(False, "--changed",
+                                             help="Only settings whose value differs from the default "
+                                                  "(like postconf -n)."),
+                as_json: bool = JSON) -> None:
     """Show every setting with its value, default and meaning.
 
-    Example: mailbox-guard config show --json
+    Example: mailbox-guard config show --changed
     """
     current = guarded(lambda: store().settings())
     rows = [{"key": k, "value": current.get(k, s.default), "default": s.default, "help": s.help}
             for k, s in SETTINGS.items()]
-    emit(rows, as_json, ["key", "value", "default"])
+    if changed:
+        rows = [r for r in rows if r["key"] in current and _differs(r["key"], r["value"])]
+    emit(rows, as_json, ["key", "value", "default", "help"])
+
+
+def _differs(key: str, value: str) -> bool:
+    """Compared as parsed ("300" is "300s"); a value the parser refuses differs."""
+    setting = SETTINGS[key]
+    try:
+        return setting.parse(value) != setting.parse(setting.default)
+    except SettingError:
+        return True
 
 
 @app.command("get")
@@ -65,49 +82,68 @@ def config_unset(key: str = typer.Argument(..., help="Setting name.")) -> None:
 
 @app.command("export")
 def config_export(output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="FILE",
-                                                        help="Write here instead of standard output.")) -> None:
-    """Write the whole policy (domains, recipients, networks, listeners, settings) as TOML.
+                                                        help="Write here (mode 0600) instead of standard output.")) -> None:
+    """Write the whole policy as TOML: a backup that `config import` restores.
+
+    It holds settings, the password policy, domains with every option (next hop,
+    anti-impersonation, mechanisms, password policy), recipients, networks, listeners,
+    and users with their aliases, password hashes and derived SASL secrets (CRAM-MD5
+    and DIGEST-MD5 secrets are password-equivalent): the file is written 0600; keep it
+    as safe as the store.
 
     Example: mailbox-guard config export -o policy.toml
     """
     text = dump_policy(guarded(lambda: read_policy(store())))
     if output is None:
         sys.stdout.write(text)
-    else:
-        try:
-            output.write_text(text)
-        except OSError as exc:
-            fail(f"cannot write {output}: {exc.strerror}")
-        typer.echo(f"policy written to {output}", err=True)
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)     # an existing file keeps its mode otherwise
+            f.write(text)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}")
+    typer.echo(f"policy written to {output}", err=True)
 
 
 @app.command("import")
 def config_import(source: Path = typer.Argument(..., metavar="FILE", help="A TOML policy file ('-' for stdin)."),
                   dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would change."),
+                  replace: bool = typer.Option(False, "--replace",
+                                               help="Empty the sections the file does not have (default: "
+                                                    "leave them alone)."),
+                  yes: bool = YES,
+                  force: bool = typer.Option(False, "--force", help="Accept networks that make an open relay."),
                   as_json: bool = JSON) -> None:
-    """Replace the policy with a TOML file: shows the diff, applies it in one transaction.
+    """Apply a TOML policy file: each section in it (settings, password_policy, domains,
+    recipients, networks, listeners, users) replaces the store's; sections it lacks are
+    left alone unless --replace. Shows the diff, asks on a terminal, applies it in one
+    transaction. A file without `format = 1` is refused.
 
     Example: mailbox-guard config import policy.toml --dry-run
     """
     try:
-        text = sys.stdin.read() if str(source) == "-" else source.read_text()
-    except OSError as exc:
-        fail(f"cannot read {source}: {exc.strerror}")
+        text = sys.stdin.read() if str(source) == "-" else source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {source}: {getattr(exc, 'strerror', None) or exc}")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         fail(f"{source}: not valid TOML ({exc})")
-    wanted = guarded(lambda: parse_policy(doc))
     st = store()
-    changes = diff_policy(guarded(lambda: read_policy(st)), wanted)
+    current = guarded(lambda: read_state(st))
+    wanted = guarded(lambda: merge(current, parse_policy(doc), replace=replace, force=force))
+    changes = diff_policy(current, wanted)
     if as_json:
-        emit_json({"dry_run": dry_run, "changes": changes})
+        emit_json({"dry_run": dry_run, "changes": changes, "applied": bool(changes) and not dry_run})
     elif not changes:
         typer.echo("no changes")
     else:
         for line in changes:
             typer.echo(line)
     if changes and not dry_run:
-        guarded(lambda: apply_policy(st, wanted))
+        confirm(f"apply these {len(changes)} change(s)?", yes)
+        guarded(lambda: apply_policy(st, current, wanted))
         if not as_json:
             typer.echo(f"applied {len(changes)} change(s)", err=True)

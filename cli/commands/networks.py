@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import typer
 
 from cli.common import JSON, emit, fail, guarded, store
@@ -14,12 +13,20 @@ app = typer.Typer(help="Trusted networks: clients there may relay outward withou
 
 @app.command("add")
 def networks_add(cidr: str = typer.Argument(..., help="Network, e.g. 10.0.0.0/8 or 2001:db8::/32."),
-                 comment: str = typer.Option("", "--comment", help="Why it is trusted.")) -> None:
+                 comment: str = typer.Option("", "--comment", help="Why it is trusted."),
+                 force: bool = typer.Option(False, "--force",
+                                            help="Trust even a public network of /8 (IPv4) or /16 (IPv6) "
+                                                 "or wider, such as 0.0.0.0/0: an open relay.")) -> None:
     """Trust a network to relay.
+
+    A public network of prefix /8 or shorter (IPv6: /16 or shorter), such as 0.0.0.0/0
+    or ::/0, would let much of the Internet relay through the gateway: it is refused
+    unless --force is given. Private, loopback and reserved ranges (10.0.0.0/8, fc00::/7)
+    are always accepted.
 
     Example: mailbox-guard networks add 192.0.2.0/24 --comment "office"
     """
-    net = guarded(lambda: store().add_network(cidr, comment))
+    net = guarded(lambda: store().add_network(cidr, comment, force=force))
     typer.echo(f"trusting {net}")
 
 

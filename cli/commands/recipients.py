@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from cli.common import JSON, emit, fail, guarded, progress, store
+from mailbox_guard.config import SettingError
 
 app = typer.Typer(help="Recipient lists: once a domain has one, unknown users get 550.\n\n"
                   "Example: mailbox-guard recipients add alice@example.org",
@@ -50,20 +51,26 @@ def recipients_remove(address: str = typer.Argument(..., help="Full address.")) 
 @app.command("import")
 def recipients_import(source: Path = typer.Argument(..., metavar="FILE",
                                                     help="One address per line ('-' for stdin); # starts a comment.")) -> None:
-    """Add many known recipients at once (shows progress on a terminal).
+    """Add many known recipients at once, in one transaction: a bad line is named by
+    its number and nothing is stored (shows progress on a terminal).
 
     Example: mailbox-guard recipients import users.txt
     """
     try:
         text = sys.stdin.read() if str(source) == "-" else source.read_text()
-    except OSError as exc:
-        fail(f"cannot read {source}: {exc.strerror}")
-    addresses = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    addresses = [a for a in addresses if a]
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read {source}: {getattr(exc, 'strerror', None) or exc}")
+    numbered = [(n, line.split("#", 1)[0].strip()) for n, line in enumerate(text.splitlines(), 1)]
+    numbered = [(n, a) for n, a in numbered if a]
     st = store()
-    added = 0
-    with progress(addresses, "importing recipients") as items:
-        for address in items:
-            guarded(lambda a=address: st.add_recipient(a))
-            added += 1
-    typer.echo(f"imported {added} recipient(s)")
+    with progress(range(len(numbered)), "checking recipients", length=len(numbered)) as bar:
+        step = getattr(bar, "update", None)
+        added = guarded(lambda: _import(st, numbered, source, step))
+    typer.echo(f"imported {len(added)} recipient(s)")
+
+
+def _import(st, numbered, source, step):
+    try:
+        return st.add_recipients([a for _, a in numbered], lines=[n for n, _ in numbered], progress=step)
+    except SettingError as exc:
+        raise SettingError(f"{source} {exc}; nothing imported") from None

@@ -128,6 +128,8 @@ def users_policy(domain: Optional[str] = typer.Option(None, "--domain", help="Fo
     Example: mailbox-guard users policy --domain example.org --min-length 14 --min-classes 3
     """
     us = users()
+    if domain is not None and not guarded(lambda: us.store.is_guarded(domain)):
+        fail(f"{domain} is not a guarded domain")
     if any(v is not None for v in (min_length, min_classes, reject_common, reject_name)):
         current = {p["scope"]: p for p in guarded(lambda: us.policies())}
         base = current.get(domain or "*", current["*"])

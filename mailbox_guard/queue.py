@@ -486,7 +486,7 @@ def explain(conn: sqlite3.Connection, key: str) -> dict | None:
     found = find_message(conn, key)
     if found:
         return {"kind": "message", "matched": 1, "detail": message_detail(conn, found)}
-    connection = connection_detail(conn, key.upper()) if key[:1] in "Cc" else None
+    connection = connection_detail(conn, key.upper()) if key[:1] in ("C", "c") else None
     if connection is not None:
         return {"kind": "connection", "matched": 1, "detail": connection}
     address = key.strip("<>")

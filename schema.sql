@@ -1,5 +1,5 @@
 -- mailbox_guard: the one source of the SQLite schema.
--- schema-version: 2
+-- schema-version: 3
 --
 -- A fresh store is created from this file; an older store is brought up to this
 -- version by the numbered migrations in mailbox_guard/store.py (PRAGMA user_version).
@@ -85,12 +85,19 @@ CREATE TABLE password_policy (                     -- scope '*' is the server, e
 );
 
 CREATE TABLE auth_bans (                           -- brute force: refused early until `until`
-    kind       TEXT NOT NULL CHECK (kind IN ('ip', 'user')),
+    kind       TEXT NOT NULL CHECK (kind IN ('ip', 'user')),   -- 'ip': an address or a /24, /64
     key        TEXT NOT NULL,
     until      REAL NOT NULL,
     failures   INTEGER NOT NULL,
     created_at REAL NOT NULL,
     PRIMARY KEY (kind, key)
+);
+
+CREATE TABLE auth_known (                          -- networks (/24, /64) a login succeeded from:
+    login     TEXT NOT NULL,                       -- no penalty there when the login is under
+    network   TEXT NOT NULL,                       -- attack (no trigger: not policy)
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (login, network)
 );
 
 CREATE TRIGGER domains_ins AFTER INSERT ON domains BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
@@ -210,3 +217,4 @@ CREATE TABLE verdicts (
 );
 CREATE INDEX verdicts_message ON verdicts(message_id);
 CREATE INDEX verdicts_connection ON verdicts(connection_id);
+CREATE INDEX verdicts_at ON verdicts(at);                  -- `rejects --since`

@@ -72,6 +72,10 @@ def require_home() -> Path:
     path = state.home / DB_NAME
     if not path.exists():
         fail(f"no mailbox-guard home at {state.home} (use --home, or start it with `serve`)")
+    try:
+        ensure_home(state.home)     # it is there: check it is ours (and of this schema version)
+    except StoreError as exc:
+        fail(str(exc))
     return path
 
 

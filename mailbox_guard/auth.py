@@ -13,12 +13,14 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import time
 from typing import TYPE_CHECKING
 
-from .users import Account, hash_password, load_account, verify_password
+from .users import (SCRAM_SALT_BYTES, Account, hash_password, load_account, scram_current, set_password_hash,
+                    verify_password)
 
 if TYPE_CHECKING:   # pragma: no cover
     from .engine import Engine
@@ -61,11 +63,32 @@ def _salt_key(path) -> bytes:
     return data
 
 
+def network_of(ip: str) -> str:
+    """The network a client address is penalised with: its /24 (IPv4) or /64 (IPv6)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(ipaddress.ip_network(f"{addr}/{24 if addr.version == 4 else 64}", strict=False))
+
+
+# A network a login succeeded from stays known this long after the last success.
+KNOWN_FOR = 180 * 86400
+
+
 class AuthService:
+    """Failures are counted per client address, per network and per login. Sources
+    are banned (an address, a /24 or /64); accounts never are: a login under attack
+    makes clients on networks it never succeeded from wait before each try (Dovecot's
+    auth penalty), while its owner's networks log in as usual."""
+
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
         self.failures: dict[tuple[str, str], collections.deque[float]] = {}
-        self.bans: dict[tuple[str, str], float] = {}
+        self.bans: dict[str, float] = {}             # address or network -> until
+        self.known: dict[str, dict[str, float]] = {}  # login -> network -> last success
         # For SCRAM answers about logins that cannot log in: a salt that stays the
         # same for the same login, as a real account's does (kept in the home folder,
         # so a restart does not change it either).
@@ -74,15 +97,45 @@ class AuthService:
     async def load_bans(self) -> None:
         now = time.time()
         rows = await self.engine.readers.run(lambda c: c.execute(
-            "SELECT kind, key, until FROM auth_bans WHERE until > ?", (now,)).fetchall())
-        self.bans = {(r[0], r[1].lower()): r[2] for r in rows}
+            "SELECT key, until FROM auth_bans WHERE kind = 'ip' AND until > ?", (now,)).fetchall())
+        self.bans = {r[0].lower(): r[1] for r in rows}
 
-    def banned(self, kind: str, key: str) -> bool:
-        until = self.bans.get((kind, key.lower()))
-        return until is not None and until > time.time()
+    async def load_known(self) -> None:
+        rows = await self.engine.readers.run(lambda c: c.execute(
+            "SELECT login, network, last_seen FROM auth_known WHERE last_seen > ?",
+            (time.time() - KNOWN_FOR,)).fetchall())
+        self.known = {}
+        for login, network, seen in rows:
+            self.known.setdefault(login, {})[network] = seen
 
-    def refused(self, ip: str, login: str | None) -> bool:
-        return self.banned("ip", ip) or (login is not None and self.banned("user", login))
+    def _banned(self, key: str, now: float) -> bool:
+        until = self.bans.get(key)
+        return until is not None and until > now
+
+    def refused(self, ip: str) -> bool:
+        """Whether the client's address or network is banned."""
+        now = time.time()
+        return self._banned(ip.lower(), now) or self._banned(network_of(ip), now)
+
+    async def gate(self, ip: str, login: str | None) -> bool:
+        """Before a try: wait out the penalty of a login under attack when this
+        client's network is not one it succeeded from; then True if the client is
+        banned (it fails like a wrong password, after the same wait)."""
+        settings = self.engine.policy.settings
+        after = settings["auth.penalty_after"]
+        if after and login is not None:
+            recent = self._recent(("login", login), settings["auth.ban_window"])
+            if recent >= after and network_of(ip) not in self.known.get(login, {}):
+                delay = min(settings["auth.penalty_max"], 2.0 ** min(recent - after, 16))
+                await asyncio.sleep(delay)
+        return self.refused(ip)
+
+    def _recent(self, key: tuple[str, str], window: float) -> int:
+        q = self.failures.get(key)
+        if not q:
+            return 0
+        edge = time.time() - window
+        return sum(1 for t in q if t > edge)
 
     async def account(self, login: str | None) -> Account | None:
         """The account a (normalised) login names, if it may log in at all."""
@@ -92,58 +145,79 @@ class AuthService:
         return account if account is not None and not account.disabled else None
 
     def dummy_salt(self, login: str) -> bytes:
+        """As long as a real account's salt, and the same for the same login."""
         if self._salt_key is None:
             self._salt_key = _salt_key(self.engine.home / "scram-salt.key")
-        return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:16]
+        return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:SCRAM_SALT_BYTES]
+
+    async def succeeded(self, ip: str, login: str) -> None:
+        """Remember the network a login succeeded from (written at most once a day
+        per network, so a busy account costs no write per login)."""
+        now = time.time()
+        network = network_of(ip)
+        seen = self.known.setdefault(login, {})
+        if now - seen.get(network, 0) < 86400:
+            return
+        seen[network] = now
+        try:
+            await self.engine.writer.run(lambda c: c.execute(
+                "INSERT INTO auth_known (login, network, last_seen) VALUES (?, ?, ?) "
+                "ON CONFLICT(login, network) DO UPDATE SET last_seen = excluded.last_seen",
+                (login, network, now)))
+        except Exception as exc:      # still known in memory for this run
+            log.error("could not store a known network of %s: %s", printable(login), exc)
 
     async def failed(self, ip: str, login: str | None) -> None:
         """Count a failure. A success forgets nothing: failures age out of their window
         (clearing them would let one owned account reset the count for guesses on
         others)."""
-        await self._failed(ip, login, self.engine.policy.settings)
+        settings = self.engine.policy.settings
+        now = time.time()
+        window = settings["auth.ban_window"]
+        if login is not None:
+            q = self.failures.setdefault(("login", login), collections.deque(maxlen=64))
+            q.append(now)
+        for key, limit in ((ip.lower(), settings["auth.ban_after"]),
+                           (network_of(ip), settings["auth.net_ban_after"])):
+            if not limit:
+                continue
+            q = self.failures.setdefault(("ip", key), collections.deque(maxlen=limit))
+            q.append(now)
+            if len(q) >= limit and now - q[0] <= window and not self._banned(key, now):
+                until = now + settings["auth.ban_time"]
+                self.bans[key] = until
+                q.clear()
+                log.warning("auth: %s banned until %s after %d failures", printable(key),
+                            time.strftime("%H:%M:%S", time.localtime(until)), limit)
+                try:
+                    await self.engine.writer.run(lambda c, key=key, until=until, n=limit: c.execute(
+                        "INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', ?, ?, ?, ?) "
+                        "ON CONFLICT(kind, key) DO UPDATE SET until = excluded.until, "
+                        "failures = excluded.failures", (key, until, n, now)))
+                except Exception as exc:      # the ban still holds in memory
+                    log.error("could not store the ban of %s: %s", printable(key), exc)
+        if len(self.failures) > 100000:       # bounded: forget the oldest counters
+            for k in list(self.failures)[:50000]:
+                del self.failures[k]
 
     async def check_password(self, login: str | None, password: str) -> Account | None:
         """The account when the password is right, else None. The caller has checked
-        for bans (a banned login is refused before any hashing: a ban is about the
-        client or the login, not about whether an account exists) and counts failures,
+        for bans (a banned client is refused before any hashing) and counts failures,
         as for every mechanism."""
         account = await self.account(login)
         # Always pay for one verification, so that timing tells nothing.
         ok, rehash = await asyncio.to_thread(verify_password, account.password_hash if account else None,
                                              password)
         if ok and account is not None:
-            if rehash:
-                new_hash = await asyncio.to_thread(hash_password, password)
-                await self.engine.writer.run(lambda c: c.execute(
-                    "UPDATE users SET password_hash = ? WHERE name = ?", (new_hash, account.name)))
-                log.info("password hash of %s upgraded to the current parameters", account.name)
+            if rehash or not scram_current(account):
+                await self._rehash(account, password)
             return account
         return None
 
-    async def _failed(self, ip: str, login: str | None, settings) -> None:
-        now = time.time()
-        window = settings["auth.ban_window"]
-        targets = [("ip", ip, settings["auth.ban_after"])]
-        if login is not None:
-            targets.append(("user", login, settings["auth.user_ban_after"]))
-        for kind, key, limit in targets:
-            if not limit:
-                continue
-            q = self.failures.setdefault((kind, key), collections.deque(maxlen=limit))
-            q.append(now)
-            if len(q) >= limit and now - q[0] <= window and not self.banned(kind, key):
-                until = now + settings["auth.ban_time"]
-                self.bans[(kind, key)] = until
-                q.clear()
-                log.warning("auth: %s %s banned until %s after %d failures", kind, printable(key),
-                            time.strftime("%H:%M:%S", time.localtime(until)), limit)
-                try:
-                    await self.engine.writer.run(lambda c, kind=kind, key=key, until=until, n=limit: c.execute(
-                        "INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES (?, ?, ?, ?, ?) "
-                        "ON CONFLICT(kind, key) DO UPDATE SET until = excluded.until, "
-                        "failures = excluded.failures", (kind, key, until, n, now)))
-                except Exception as exc:      # the ban still holds in memory
-                    log.error("could not store the ban of %s: %s", printable(key), exc)
-        if len(self.failures) > 100000:       # bounded: forget the oldest counters
-            for k in list(self.failures)[:50000]:
-                del self.failures[k]
+    async def _rehash(self, account: Account, password: str) -> None:
+        """New argon2 parameters, or SCRAM keys of an older shape (a salt length that
+        would tell it from the answers for unknown logins): made again from the
+        password just verified."""
+        new_hash = await asyncio.to_thread(hash_password, password)
+        await self.engine.writer.run(lambda c: set_password_hash(c, account.name, new_hash, password))
+        log.info("password hash of %s upgraded to the current parameters (and its SCRAM keys)", account.name)

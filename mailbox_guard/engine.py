@@ -136,6 +136,7 @@ class Engine:
         settings = self.policy.settings
         self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
         await self.auth.load_bans()
+        await self.auth.load_known()
         n = await self.writer.run(lambda c: q.recover_leases(c, time.time(), expired_only=False))
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)

@@ -146,6 +146,11 @@ class GuardSMTP(SMTP):
             if not into_tx or len(self.tx_trace) >= self.MAX_CONNECTION_TRACE * 3:
                 trace = []         # counted below, not kept
         stats = self.event_handler.engine.stats
+        if phase is Phase.MAIL and not decision.results:
+            # The sender of the transaction, for "rejects" and "messages why" even
+            # when no check had anything to say about it.
+            trace.append(Verdict(next(self.seq), now, phase.value, subject, "smtp", "MAIL_FROM", 0.0,
+                                 "none", None, ""))
         for r in decision.results:
             trace.append(Verdict(next(self.seq), now, phase.value, subject, r.check, r.symbol,
                                  r.score, r.action.value, r.reply, r.detail))
@@ -324,10 +329,10 @@ class GuardSMTP(SMTP):
         except UnicodeDecodeError:
             login, password = login_b.decode("utf-8", "replace"), "\x00"
         normalised = normalise_login(login)
-        refused = engine.auth.refused(self.facts.peer_ip, normalised)
+        refused = await engine.auth.gate(self.facts.peer_ip, normalised)
         account = None if refused else await engine.auth.check_password(normalised, password)
         if account is not None:
-            return self._auth_success(account, mechanism)
+            return await self._auth_success(account, mechanism)
         return await self._auth_failure(login, mechanism, counted=not refused)
 
     async def auth_SCRAM__SHA__256(self, _, args: list[str]) -> AuthResult:
@@ -353,7 +358,7 @@ class GuardSMTP(SMTP):
             return await self._auth_syntax("501 5.5.2 Malformed SCRAM client-first message")
         engine = self.event_handler.engine
         raw_login, login = login, normalise_login(login)
-        refused = engine.auth.refused(self.facts.peer_ip, login)
+        refused = await engine.auth.gate(self.facts.peer_ip, login)
         # Looked up even when refused: the answer (salt, iterations) must not change
         # with a ban or show whether the account exists.
         account = await engine.auth.account(login)
@@ -384,7 +389,7 @@ class GuardSMTP(SMTP):
         # The server's proof goes in a last challenge; the client answers empty.
         if await self.challenge_auth(server.get_server_final()) is MISSING:
             return AuthResult(success=False, handled=True)
-        return self._auth_success(account, "SCRAM-SHA-256")
+        return await self._auth_success(account, "SCRAM-SHA-256")
 
     async def auth_GSSAPI(self, _, args: list[str]) -> AuthResult:
         """GSSAPI (RFC 4752): a Kerberos ticket; no security layer is offered (the
@@ -432,11 +437,11 @@ class GuardSMTP(SMTP):
             return await self._auth_failure(principal, "GSSAPI")
         realm = engine.gssapi.principal.rpartition("@")[2]
         login = normalise_login(user_for(principal)) if principal.endswith("@" + realm) or not realm else None
-        refused = engine.auth.refused(self.facts.peer_ip, login)
+        refused = await engine.auth.gate(self.facts.peer_ip, login)
         account = None if refused else await engine.auth.account(login)
         if account is None or (authzid and normalise_login(authzid) != account.name.lower()):
             return await self._auth_failure(principal, "GSSAPI", counted=not refused)
-        return self._auth_success(account, "GSSAPI")
+        return await self._auth_success(account, "GSSAPI")
 
     async def auth_CRAM__MD5(self, _, args: list[str]) -> AuthResult:
         """CRAM-MD5, for domains that switched it on (see cram_md5.py)."""
@@ -453,7 +458,7 @@ class GuardSMTP(SMTP):
             return AuthResult(success=False, handled=True)
         raw_login, _, digest = answer.decode("utf-8", "replace").rpartition(" ")
         login = normalise_login(raw_login)
-        refused = engine.auth.refused(self.facts.peer_ip, login)
+        refused = await engine.auth.gate(self.facts.peer_ip, login)
         account = None if refused else await engine.auth.account(login)
         secret = account.secrets.get("CRAM-MD5") if account is not None else None
         digest = digest.lower()
@@ -461,7 +466,7 @@ class GuardSMTP(SMTP):
                 and hmac.compare_digest(cram_md5.expected(secret, challenge).encode(), digest.encode()))
         if not good:
             return await self._auth_failure(raw_login or "?", "CRAM-MD5", counted=not refused)
-        return self._auth_success(account, "CRAM-MD5")
+        return await self._auth_success(account, "CRAM-MD5")
 
     async def auth_DIGEST__MD5(self, _, args: list[str]) -> AuthResult:
         """DIGEST-MD5, for domains that switched it on (see digest_md5.py)."""
@@ -482,7 +487,7 @@ class GuardSMTP(SMTP):
             return await self._auth_syntax("501 5.5.2 Malformed DIGEST-MD5 response")
         raw_login = d.get("username", "")
         login = normalise_login(raw_login)
-        refused = engine.auth.refused(self.facts.peer_ip, login)
+        refused = await engine.auth.gate(self.facts.peer_ip, login)
         account = None if refused else await engine.auth.account(login)
         secret = account.secrets.get("DIGEST-MD5") if account is not None else None
         rspauth = None
@@ -493,10 +498,11 @@ class GuardSMTP(SMTP):
             return await self._auth_failure(raw_login, "DIGEST-MD5", counted=not refused)
         if await self.challenge_auth(f"rspauth={rspauth}") is MISSING:
             return AuthResult(success=False, handled=True)
-        return self._auth_success(account, "DIGEST-MD5")
+        return await self._auth_success(account, "DIGEST-MD5")
 
-    def _auth_success(self, account, mechanism: str) -> AuthResult:
+    async def _auth_success(self, account, mechanism: str) -> AuthResult:
         shown = _printable(account.name, 128)
+        await self.event_handler.engine.auth.succeeded(self.facts.peer_ip, account.name.lower())
         self.facts.auth_user = account.name
         self.facts.auth_addresses = account.addresses
         self.conn_trace.append(Verdict(next(self.seq), time.time(), "auth", shown, "auth", "AUTH_OK", 0.0,
@@ -518,7 +524,9 @@ class GuardSMTP(SMTP):
         engine.events.publish("reject", connection=self.facts.connection_id, peer_ip=self.facts.peer_ip,
                               phase="auth", subject=shown, check="auth", symbol="AUTH_FAILED",
                               reply=replies.S535_AUTH_FAILED)
-        log.info("conn=%s authentication failed for %s with %s", self.facts.connection_id, shown, mechanism)
+        # Postfix's wording, so that fail2ban-style tools find the client address.
+        log.warning("unknown[%s]: SASL %s authentication failed: user=<%s> conn=%s", self.facts.peer_ip,
+                    mechanism, shown, self.facts.connection_id)
         if not reply:
             return AuthResult(success=False, handled=True)
         if self.auth_failures >= engine.policy.settings["auth.session_failures"]:
@@ -972,7 +980,7 @@ def _message_id(headers) -> str | None:
     value = headers.get("Message-ID") if headers is not None else None
     if value is None:
         return None
-    return _printable(str(value).strip(), 250) or None
+    return _printable("".join(str(value).split()), 250) or None     # unfolded
 
 
 class Refuse(asyncio.Protocol):

@@ -68,6 +68,10 @@ MIGRATIONS: dict[int, Migration] = {
         ),
         new_tables=("users", "user_aliases", "user_secrets", "domain_mechanisms", "password_policy",
                     "auth_bans")),
+    # 2 -> 3: accounts are no longer locked (sources are banned, a login under attack
+    # slows down unknown networks): user bans end; where logins succeeded.
+    2: Migration(statements=("DELETE FROM auth_bans WHERE kind = 'user'",
+                             "CREATE INDEX verdicts_at ON verdicts(at)"), new_tables=("auth_known",)),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -70,6 +71,9 @@ def hash_password(password: str) -> str:
 
 
 SCRAM_ITERATIONS = 4096      # RFC 7677's minimum; the work is on the client too
+# Given explicitly (not scramp's default), because the answers for unknown logins
+# must carry salts of exactly this length.
+SCRAM_SALT_BYTES = 32
 
 
 def mechanism_secrets(user: str, domain: str, password: str, legacy: set[str]) -> dict[str, str]:
@@ -78,7 +82,7 @@ def mechanism_secrets(user: str, domain: str, password: str, legacy: set[str]) -
     the domain enabled it (it is password-equivalent). Never the password itself."""
     from scramp import ScramMechanism
     salt, stored_key, server_key, iterations = ScramMechanism("SCRAM-SHA-256").make_auth_info(
-        password, iteration_count=SCRAM_ITERATIONS)
+        password, iteration_count=SCRAM_ITERATIONS, salt=os.urandom(SCRAM_SALT_BYTES))
     out = {"SCRAM-SHA-256": json.dumps({"salt": base64.b64encode(salt).decode(),
                                         "stored_key": base64.b64encode(stored_key).decode(),
                                         "server_key": base64.b64encode(server_key).decode(),
@@ -96,6 +100,24 @@ def _store_secrets(conn: sqlite3.Connection, user: str, domain: str, password: s
     conn.execute("DELETE FROM user_secrets WHERE user = ?", (user,))
     conn.executemany("INSERT INTO user_secrets (user, mechanism, secret) VALUES (?, ?, ?)",
                      [(user, m, v) for m, v in mechanism_secrets(user, domain, password, legacy).items()])
+
+
+def set_password_hash(conn: sqlite3.Connection, name: str, password_hash: str, password: str) -> None:
+    """A new hash and new mechanism secrets for the same password (at login)."""
+    row = conn.execute("SELECT domain FROM users WHERE name = ?", (name,)).fetchone()
+    if row is not None:
+        conn.execute("UPDATE users SET password_hash = ? WHERE name = ?", (password_hash, name))
+        _store_secrets(conn, name, row[0], password)
+
+
+def scram_current(account: "Account") -> bool:
+    """Whether the account's SCRAM keys have today's shape (salt length, iterations)."""
+    try:
+        keys = json.loads(account.secrets["SCRAM-SHA-256"])
+        return (len(base64.b64decode(keys["salt"])) == SCRAM_SALT_BYTES
+                and keys["iterations"] == SCRAM_ITERATIONS)
+    except (KeyError, ValueError, TypeError):
+        return False
 
 
 def verify_password(stored_hash: str | None, password: str) -> tuple[bool, bool]:

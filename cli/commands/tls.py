@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, emit_json, fail, guarded, state, store
+from cli.common import JSON, emit, emit_json, fail, guarded, require_home, state, store
 from mailbox_guard.store import ensure_home
 
 app = typer.Typer(help="TLS certificates of the listeners.\n\n"
@@ -58,6 +58,7 @@ def tls_show(as_json: bool = JSON) -> None:
     Example: mailbox-guard tls show --json
     """
     from mailbox_guard.tls import TLS_DIR, describe
+    require_home()              # a typo in --home is one line, not an empty listing
     folder = state.home / TLS_DIR
     rows = []
     for cert in sorted(folder.glob("*.crt")) if folder.exists() else []:

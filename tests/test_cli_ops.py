@@ -41,6 +41,12 @@ def test_rejects_and_why_find_refused_recipients(gateway):
     gateway.start()
     conn_id = refuse_two(gateway)
 
+    # Postfix's line, with the client address, for an admin's grep and fail2ban.
+    log = gateway.log()
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <x@other.test>: Relay access denied; "
+            f"from=<alice@sender.test> to=<x@other.test> proto=ESMTP helo=<client.test> conn={conn_id}") in log
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <nobody@example.test>") in log
+
     out = gateway.cli("rejects")
     assert "x@other.test" in out.stdout and "nobody@example.test" in out.stdout
     assert "rcpt_relay/RELAY_DENIED" in out.stdout and "rcpt_recipients/RCPT_UNKNOWN_USER" in out.stdout

@@ -126,7 +126,7 @@ def parse_policy(doc: dict[str, Any]) -> dict[str, Any]:
     if "format" not in doc:
         raise SettingError("not a mailbox-guard policy file: no 'format' key "
                            f"(`mailbox-guard config export` writes format = {FORMAT})")
-    if doc["format"] != FORMAT:
+    if type(doc["format"]) is not int or doc["format"] != FORMAT:      # not true, not 1.0
         raise SettingError(f"policy format {doc['format']!r} is not supported (this mailbox-guard "
                            f"reads format {FORMAT})")
     unknown = set(doc) - {"format", *SECTIONS}

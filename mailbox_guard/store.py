@@ -393,26 +393,29 @@ class DomainRow:
 OPEN_RELAY_PREFIX = {4: 8, 6: 16}
 
 
-def _idna_encode(text: str) -> str:
-    """IDNA 2008 with UTS #46 mapping (the idna package) when installed, so that a
-    name like faß.de gets the A-label registries use; else the stdlib's IDNA 2003."""
+def _idna():
+    """The idna package (IDNA 2008 with UTS #46 mapping, so that faß.de gets the
+    A-label registries use) when installed; else None: the stdlib's IDNA 2003 codec."""
     try:
         import idna
     except ImportError:
-        return text.encode("idna").decode("ascii")
-    return idna.encode(text, uts46=True).decode("ascii")
+        return None
+    return idna
+
+
+def _idna_encode(text: str) -> str:
+    idna = _idna()
+    return idna.encode(text, uts46=True).decode("ascii") if idna else text.encode("idna").decode("ascii")
 
 
 def domain_unicode(name: str) -> str:
     """The U-label form of a stored (A-label) domain, for display."""
     if "xn--" not in name:
         return name
+    idna = _idna()
     try:
-        import idna
-        return idna.decode(name)
-    except ImportError:
-        return name.encode("ascii").decode("idna")
-    except UnicodeError:
+        return idna.decode(name) if idna else name.encode("ascii").decode("idna")
+    except UnicodeError:        # not valid IDNA (written behind our back): show it as stored
         return name
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import typer
 
 from cli.common import JSON, emit, fail, guarded, store
@@ -14,8 +13,8 @@ app = typer.Typer(help="SMTP listeners kept in the store (serve flags override t
 
 @app.command("add")
 def listeners_add(name: str = typer.Argument(..., help="A short name, e.g. mx."),
-                  kind: str = typer.Argument(..., help="inbound or submission."),
-                  address: str = typer.Argument(..., help="HOST:PORT to listen on."),
+                  kind: str = typer.Argument(..., help="inbound, submission or smtps."),
+                  address: str = typer.Argument(..., help="HOST:PORT to listen on (an IP address or host name; [v6]:port)."),
                   require_auth: bool = typer.Option(False, "--require-auth",
                                                     help="Accept only authenticated clients (offers AUTH)."),
                   plaintext_auth: bool = typer.Option(False, "--plaintext-auth",

@@ -20,7 +20,7 @@ import typer
 from cli.commands import (auth, config, connections, domains, listeners, messages, networks, queue, recipients,
                           rejects, tls, users)
 from cli.common import DEFAULT_HOME, HOME_ENV, JSON, control, emit_json, guarded, read_store, state
-from mailbox_guard.config import SettingError, parse_hostport
+from mailbox_guard.config import SettingError, parse_endpoint, parse_hostport
 
 app = typer.Typer(
     help="mailbox_guard: a mail security gateway.\n\nExample: mailbox-guard serve",
@@ -59,7 +59,7 @@ def _listener_args(values: List[str], kind: str) -> list:
     out = []
     for i, text in enumerate(values):
         try:
-            host, port = parse_hostport(text)
+            host, port = parse_endpoint(text)
         except SettingError as exc:
             raise typer.BadParameter(str(exc), param_hint=f"--{kind}") from None
         out.append(ListenerSpec(kind if i == 0 else f"{kind}{i + 1}", kind, host, port))

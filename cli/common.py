@@ -173,3 +173,15 @@ def progress(items: Iterable, label: str, length: int | None = None):
         return typer.progressbar(items, label=label, length=length, file=sys.stderr)
     import contextlib
     return contextlib.nullcontext(items)
+
+
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask before a destructive change when a person is at a terminal (the prompt
+    goes to stderr, the answer comes from stdin); scripts and --yes go ahead."""
+    if yes or not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return
+    if not typer.confirm(question, err=True):
+        fail("nothing changed")

@@ -202,12 +202,14 @@ def test_bulk_actions_summary_and_delete_of_many(gateway):
                  ["queue", "delete", "--all", "--state", "nonsense"]):
         assert gateway.cli(*argv, check=False).returncode == 2, argv
 
-    # Delete asks first (here on stdin) and does nothing on "no".
-    out = gateway.cli("queue", "delete", "--all", "--to-domain", "b.test", check=False, input="n\n")
-    assert out.returncode == 1 and "delete 1 message(s) without a bounce?" in out.stderr
+    # Delete asks first on a terminal and does nothing on "no".
+    from tests.test_cli_policy import on_terminal
+    code, seen = on_terminal(gateway.home, "queue", "delete", "--all", "--to-domain", "b.test", answer="n")
+    assert code == 1 and "delete 1 message(s) without a bounce?" in seen
     assert states() == {"deferred": 4}
-    out = gateway.cli("queue", "delete", "--all", "--state", "deferred", "--to-domain", "b.test", input="y\n")
-    assert out.stdout.strip() == "1 message(s) deleted" and states() == {"deferred": 3}
+    code, seen = on_terminal(gateway.home, "queue", "delete", "--all", "--state", "deferred",
+                             "--to-domain", "b.test", answer="y")
+    assert code == 0 and "1 message(s) deleted" in seen and states() == {"deferred": 3}
 
     # Several ids: every known one is deleted, every unknown one reported, exit 1.
     a, b = [r["id"] for r in gateway.query("SELECT id FROM messages ORDER BY id LIMIT 2")]

@@ -11,8 +11,7 @@ from typing import Optional
 
 import typer
 
-from cli.commands.domains import YES, confirm
-from cli.common import JSON, emit, emit_json, fail, guarded, store
+from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, store
 from mailbox_guard.config import SETTINGS, SettingError
 from mailbox_guard.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
                                       read_state)

@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, emit_json, fail, guarded, store
+from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, store
 from mailbox_guard.store import domain_unicode
 
 app = typer.Typer(help="Domains we guard (accept mail for) and their next hops.\n\n"
                   "Example: mailbox-guard domains add example.org --next-hop 10.0.0.5:25",
                   no_args_is_help=True)
-
-YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
-
-
-def confirm(question: str, yes: bool) -> None:
-    """Ask before a destructive change when a person is at a terminal (the prompt
-    goes to stderr, the answer comes from stdin); scripts and --yes go ahead."""
-    if yes or not (sys.stdin.isatty() and sys.stderr.isatty()):
-        return
-    if not typer.confirm(question, err=True):
-        fail("nothing changed")
-
 
 @app.command("add")
 def domains_add(

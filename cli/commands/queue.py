@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (JSON, control, emit, emit_json, engine_running, fail, guarded, progress, read_store,
-                        transaction, write_store)
+from cli.common import (JSON, YES, confirm, control, emit, emit_json, engine_running, fail, guarded, progress,
+                        read_store, transaction, write_store)
 from mailbox_guard import queue as q
 from mailbox_guard.dsn import human_duration
 
@@ -150,7 +150,6 @@ ALL = typer.Option(False, "--all", help="Every message where the action applies 
 STATE = typer.Option([], "--state", help="With --all: only messages in this state.")
 TO_DOMAIN = typer.Option(None, "--to-domain", metavar="DOMAIN",
                          help="With --all: only messages with a pending recipient in this domain.")
-YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
 def _one(running: bool, action: str, message: str) -> Optional[str]:
@@ -185,8 +184,8 @@ def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str
     if all_:
         if not yes:
             n = len(read_store(lambda c: q.bulk_ids(c, action, states, to_domain)))
-            if n and not typer.confirm(f"{action} {n} message(s) without a bounce?", err=True):
-                fail("nothing deleted")
+            if n:
+                confirm(f"{action} {n} message(s) without a bounce?", yes)
         if running:
             ids = guarded(lambda: control().call("queue.bulk", action=action, states=states,
                                                  to_domain=to_domain))["ids"]
@@ -194,8 +193,7 @@ def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str
             ids = write_store(lambda c: q.bulk(c, action, now=time.time(), states=states, to_domain=to_domain))
         typer.echo(f"{len(ids)} message(s) {done}")
         return
-    if not yes and not typer.confirm(f"{action} {len(messages)} message(s) without a bounce?", err=True):
-        fail("nothing deleted")
+    confirm(f"{action} {len(messages)} message(s) without a bounce?", yes)
     failed = 0
     for m in messages:
         error = guarded(lambda m=m: _one(running, action, m))

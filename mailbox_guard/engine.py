@@ -26,6 +26,7 @@ from typing import Any
 from . import queue as q
 from . import replies
 from .auth import AuthService
+from .users import dummy_hash
 from .checks.connect_network import TrustedNetwork
 from .checks.rcpt_recipients import RecipientList
 from .checks.data_hops import HopCount
@@ -137,6 +138,7 @@ class Engine:
         self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
         await self.auth.load_bans()
         await self.auth.load_known()
+        await asyncio.to_thread(dummy_hash)     # before any login: failures all take as long
         n = await self.writer.run(lambda c: q.recover_leases(c, time.time(), expired_only=False))
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)

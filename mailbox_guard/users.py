@@ -11,6 +11,7 @@ whether the user exists.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,13 @@ from .store import PolicyStore, normalise_domain
 
 HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16,
                         type=Type.ID)
-_DUMMY_HASH = HASHER.hash("no such user: this hash only makes failures take as long")
+
+
+@functools.cache
+def dummy_hash() -> str:
+    # Made by the engine at start (so that the first unknown login takes as long as
+    # any), not at import: every CLI command imports this module.
+    return HASHER.hash("no such user: this hash only makes failures take as long")
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ def scram_current(account: "Account") -> bool:
 def verify_password(stored_hash: str | None, password: str) -> tuple[bool, bool]:
     """(matches, needs_rehash). Blocking: call it in a thread."""
     try:
-        HASHER.verify(stored_hash or _DUMMY_HASH, password)
+        HASHER.verify(stored_hash or dummy_hash(), password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False, False
     if stored_hash is None:

@@ -35,7 +35,8 @@ def try_login(gw, source: str, password: str) -> tuple[int, float]:
 def attacked(gateway, sink):
     gateway.policy().add_domain("example.test", sink.hop)
     assert add_user(gateway, "alice@example.test").returncode == 0
-    gateway.configure(**{"auth.penalty_after": "5", "auth.penalty_max": "2s", "auth.session_failures": "10"})
+    # The penalty starts late here, so that the attackers themselves wait little.
+    gateway.configure(**{"auth.penalty_after": "19", "auth.penalty_max": "2s", "auth.session_failures": "10"})
     gateway.sub_port = free_port()
     gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
     return gateway

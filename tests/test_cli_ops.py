@@ -131,7 +131,7 @@ def test_read_only_commands_do_not_create_a_home(tmp_path):
     for args in (["status"], ["status", "--json"], ["domains", "list"], ["queue", "list"], ["rejects"],
                  ["queue", "summary"], ["queue", "show", "X"], ["messages", "why", "a@b.test"],
                  ["config", "show"], ["config", "export"], ["networks", "list"], ["users", "list"],
-                 ["recipients", "list"], ["listeners", "list"], ["auth", "bans"],
+                 ["recipients", "list"], ["listeners", "list"], ["auth", "bans"], ["users", "policy"], ["tls", "show"],
                  ["queue", "delete", "X", "--yes"], ["queue", "flush"]):
         out = mg(home, *args)
         one_error_line(out, f"no mailbox-guard home at {home} (use --home, or start it with `serve`)")

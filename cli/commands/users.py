@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, fail, guarded, store
+from cli.common import JSON, emit, fail, guarded, require_home, store
 from mailbox_guard.users import UserStore
 
 app = typer.Typer(help="Users who may authenticate to send mail, their aliases, the password policy.\n\n"
@@ -127,6 +127,8 @@ def users_policy(domain: Optional[str] = typer.Option(None, "--domain", help="Fo
 
     Example: mailbox-guard users policy --domain example.org --min-length 14 --min-classes 3
     """
+    if all(v is None for v in (min_length, min_classes, reject_common, reject_name)):
+        require_home()          # only showing: a typo in --home must not make a new home
     us = users()
     if domain is not None and not guarded(lambda: us.store.is_guarded(domain)):
         fail(f"{domain} is not a guarded domain")

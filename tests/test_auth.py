@@ -43,8 +43,10 @@ def sub(gateway, sink):
     return gateway
 
 
-def submission(gw) -> smtplib.SMTP:
-    s = smtplib.SMTP("127.0.0.1", gw.sub_port, local_hostname="client.test", timeout=10)
+def submission(gw, source: str | None = None, timeout: float = 10) -> smtplib.SMTP:
+    """A submission session over STARTTLS, from ``source`` (a loopback address) if given."""
+    s = smtplib.SMTP("127.0.0.1", gw.sub_port, local_hostname="client.test", timeout=timeout,
+                     source_address=(source, 0) if source else None)
     s.ehlo()
     s.starttls(context=insecure())
     s.ehlo()

@@ -12,16 +12,11 @@ import time
 import pytest
 
 from tests.conftest import free_port
-from tests.test_auth import PASSWORD, _plain, add_user, insecure
+from tests.test_auth import PASSWORD, _plain, add_user, submission
 
 
 def submission_from(gw, source: str) -> smtplib.SMTP:
-    s = smtplib.SMTP("127.0.0.1", gw.sub_port, local_hostname="client.test", timeout=30,
-                     source_address=(source, 0))
-    s.ehlo()
-    s.starttls(context=insecure())
-    s.ehlo()
-    return s
+    return submission(gw, source, timeout=30)
 
 
 def try_login(gw, source: str, password: str) -> tuple[int, float]:

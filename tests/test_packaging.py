@@ -98,6 +98,18 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- contents
+def stop(engine: subprocess.Popen) -> int:
+    """SIGTERM, as systemd stops it; its exit code (a kill after 60 s is a failure)."""
+    if engine.poll() is None:
+        engine.send_signal(signal.SIGTERM)
+    try:
+        return engine.wait(60)
+    except subprocess.TimeoutExpired:
+        engine.kill()
+        engine.wait()
+        return -9
+
+
 def test_archive_holds_the_runtime_schema_and_css_and_not_the_unused_clients(pyz):
     with zipfile.ZipFile(pyz) as z:
         names = set(z.namelist())
@@ -185,13 +197,7 @@ def test_pyz_serves_relays_reports_status_and_stops_cleanly(pyz, bare_python, si
         help_text = cli("tui", "--help").stdout
         assert "Usage" in help_text and "tui" in help_text
     finally:
-        if engine.poll() is None:
-            engine.send_signal(signal.SIGTERM)
-        try:
-            code = engine.wait(60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            code = engine.wait()
+        code = stop(engine)
     assert code == 0, log_path.read_text(errors="replace")
     assert "stopped cleanly" in log_path.read_text(errors="replace")
 
@@ -250,13 +256,7 @@ def add_a_user_who_then_logs_in(command: list[str], env: dict[str, str], tmp_pat
             assert s.auth("PLAIN", s.auth_plain)[0] == 235
             assert s.docmd("MAIL", "FROM:<alice@example.test>")[0] == 250
     finally:
-        if engine.poll() is None:
-            engine.send_signal(signal.SIGTERM)
-        try:
-            code = engine.wait(60)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            code = engine.wait()
+        code = stop(engine)
     assert code == 0, log_path.read_text(errors="replace")
 
 

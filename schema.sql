@@ -1,16 +1,20 @@
 -- mailbox_guard: the one source of the SQLite schema.
--- schema-version: 3
+-- schema-version: 4
 --
 -- A fresh store is created from this file; an older store is brought up to this
--- version by the numbered migrations in mailbox_guard/store.py (PRAGMA user_version).
+-- version by the numbered migrations in mailbox_guard/store/db.py (PRAGMA user_version).
 -- Policy tables bump meta.policy_version through triggers, so every edit, from the
 -- CLI or anything else, is seen by the running engine without extra bookkeeping.
+-- Runtime state (bans, failure counters, secrets, login metadata, users, whose
+-- accounts are read at each login) does not: a brute-force attack must not become a
+-- policy-reload storm. Bans bump meta.bans_version, which reloads the bans only.
 
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
 INSERT INTO meta (key, value) VALUES ('policy_version', '1');
+INSERT INTO meta (key, value) VALUES ('bans_version', '1');
 
 -- ---------------------------------------------------------------- policy
 CREATE TABLE domains (
@@ -46,6 +50,20 @@ CREATE TABLE listeners (
 CREATE TABLE settings (                           -- typed in mailbox_guard/config.py
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
+);
+
+CREATE TABLE scoped_settings (                    -- a domain's or a user's own value of a
+    scope TEXT NOT NULL COLLATE NOCASE,           -- scoped setting: user > domain > server
+    key   TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+
+CREATE TABLE check_modes (                        -- enforce | warn | off, per check; scope ''
+    check_name TEXT NOT NULL,                     -- is the server, else a domain or a user
+    scope      TEXT NOT NULL DEFAULT '' COLLATE NOCASE,
+    mode       TEXT NOT NULL CHECK (mode IN ('enforce', 'warn', 'off')),
+    PRIMARY KEY (check_name, scope)
 );
 
 -- ---------------------------------------------------------------- users
@@ -114,34 +132,36 @@ CREATE TRIGGER listeners_upd AFTER UPDATE ON listeners BEGIN UPDATE meta SET val
 CREATE TRIGGER listeners_del AFTER DELETE ON listeners BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_ins AFTER INSERT ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_upd AFTER UPDATE ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER users_ins AFTER INSERT ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER users_upd AFTER UPDATE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER users_del AFTER DELETE ON users BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER user_aliases_ins AFTER INSERT ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER user_aliases_upd AFTER UPDATE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER user_aliases_del AFTER DELETE ON user_aliases BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER password_policy_ins AFTER INSERT ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER password_policy_upd AFTER UPDATE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER password_policy_del AFTER DELETE ON password_policy BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_ins AFTER INSERT ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_upd AFTER UPDATE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
-CREATE TRIGGER user_secrets_del AFTER DELETE ON user_secrets BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER domain_mechanisms_ins AFTER INSERT ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER domain_mechanisms_upd AFTER UPDATE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER domain_mechanisms_del AFTER DELETE ON domain_mechanisms BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
 CREATE TRIGGER settings_del AFTER DELETE ON settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER scoped_settings_ins AFTER INSERT ON scoped_settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER scoped_settings_upd AFTER UPDATE ON scoped_settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER scoped_settings_del AFTER DELETE ON scoped_settings BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER check_modes_ins AFTER INSERT ON check_modes BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER check_modes_upd AFTER UPDATE ON check_modes BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+CREATE TRIGGER check_modes_del AFTER DELETE ON check_modes BEGIN UPDATE meta SET value = value + 1 WHERE key = 'policy_version'; END;
+-- Bans: their own version (the engine reloads the bans, not the policy).
+CREATE TRIGGER auth_bans_ins AFTER INSERT ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'bans_version'; END;
+CREATE TRIGGER auth_bans_upd AFTER UPDATE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'bans_version'; END;
+CREATE TRIGGER auth_bans_del AFTER DELETE ON auth_bans BEGIN UPDATE meta SET value = value + 1 WHERE key = 'bans_version'; END;
 
 -- ---------------------------------------------------------------- queue
 -- A message moves incoming -> active (leased by a delivery worker) -> delivered |
--- deferred (back to active when due) | bounced; hold parks it until released.
+-- deferred (back to active when due) | bounced; hold parks it until released (an
+-- admin's act); quarantine keeps what the policy decided not to deliver, with its reason.
 -- A lease that outlives its worker (crash) is given back on start and by a sweep.
 CREATE TABLE messages (
     id            TEXT PRIMARY KEY,               -- queue id, time-ordered
     state         TEXT NOT NULL CHECK (state IN
-                    ('incoming', 'active', 'deferred', 'hold', 'delivered', 'bounced')),
+                    ('incoming', 'active', 'deferred', 'hold', 'quarantine', 'delivered', 'bounced')),
     mail_from     TEXT NOT NULL,                  -- '' is the null sender (a bounce)
     message_id    TEXT,                           -- the Message-ID header, for `messages why`
     size          INTEGER NOT NULL,
@@ -153,7 +173,11 @@ CREATE TABLE messages (
     listener      TEXT,
     client_ip     TEXT,
     last_error    TEXT,
-    done_at       REAL
+    done_at       REAL,
+    reason        TEXT,                           -- why it is in quarantine
+    helo          TEXT,                           -- the facts a replay needs
+    tls           TEXT,                           -- "TLSv1.3 TLS_AES_256_GCM_SHA384", NULL: none
+    auth_user     TEXT
 );
 CREATE INDEX messages_due ON messages(state, next_attempt);
 CREATE INDEX messages_msgid ON messages(message_id);
@@ -196,7 +220,11 @@ CREATE TABLE connections (
     started_at REAL NOT NULL,
     ended_at   REAL,
     messages   INTEGER NOT NULL DEFAULT 0,
-    rejected   INTEGER NOT NULL DEFAULT 0
+    rejected   INTEGER NOT NULL DEFAULT 0,
+    tls_version    TEXT,
+    tls_cipher     TEXT,
+    auth_user      TEXT,
+    auth_mechanism TEXT
 );
 
 -- Every result of every check of every phase: "why was this rejected / held?"
@@ -211,7 +239,8 @@ CREATE TABLE verdicts (
     check_name    TEXT NOT NULL,
     symbol        TEXT NOT NULL,
     score         REAL NOT NULL DEFAULT 0,
-    action        TEXT NOT NULL,                  -- accept | reject | tempfail | none
+    action        TEXT NOT NULL,                  -- none | accept | allow | tag | quarantine | discard |
+                                                  -- tempfail | reject; warn (would ...), delayed
     reply         TEXT,
     detail        TEXT
 );

@@ -112,9 +112,9 @@ def status(as_json: bool = JSON) -> None:
 
     Example: mailbox-guard status --json
     """
-    from mailbox_guard import queue as q
-    from mailbox_guard.control_client import EngineNotRunning
-    from mailbox_guard.store import open_relay_networks
+    from mailbox_guard.queue import ops as q
+    from mailbox_guard.control.client import EngineNotRunning
+    from mailbox_guard.store.db import open_relay_networks
     try:
         info = control().call("status")
         info["running"] = True

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, NoReturn
 import typer
 
 from mailbox_guard.config import SettingError
-from mailbox_guard.store import PolicyStore, StoreError, ensure_home
+from mailbox_guard.store.db import PolicyStore, StoreError, ensure_home
 
 HOME_ENV = "MAILBOX_GUARD_HOME"
 DEFAULT_HOME = "./mailbox-guard-data"
@@ -34,8 +34,8 @@ def fail(message: str) -> NoReturn:
 
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run an operation; turn the errors an admin can cause into one line, exit 1."""
-    from mailbox_guard.control_client import ControlCallError, EngineNotRunning
-    from mailbox_guard.queue import QueueActionError
+    from mailbox_guard.control.client import ControlCallError, EngineNotRunning
+    from mailbox_guard.queue.ops import QueueActionError
     try:
         return fn()
     except (SettingError, StoreError, QueueActionError, EngineNotRunning) as exc:
@@ -68,7 +68,7 @@ def _command() -> str:
 
 def require_home() -> Path:
     """The store's path; one line and exit 1 when there is no home yet."""
-    from mailbox_guard.store import DB_NAME
+    from mailbox_guard.store.db import DB_NAME
     path = state.home / DB_NAME
     if not path.exists():
         fail(f"no mailbox-guard home at {state.home} (use --home, or start it with `serve`)")
@@ -89,12 +89,12 @@ def store() -> PolicyStore:
 
 
 def control():
-    from mailbox_guard.control_client import ControlClient
+    from mailbox_guard.control.client import ControlClient
     return ControlClient(state.home)
 
 
 def engine_running() -> bool:
-    from mailbox_guard.control_client import ControlClient, EngineNotRunning
+    from mailbox_guard.control.client import ControlClient, EngineNotRunning
     try:
         ControlClient(state.home, timeout=3).call("hello")
         return True
@@ -104,7 +104,7 @@ def engine_running() -> bool:
 
 def read_store(fn: Callable[[Any], Any]) -> Any:
     """A read of the store (works whether the engine runs or not)."""
-    from mailbox_guard.store import connect
+    from mailbox_guard.store.db import connect
     path = require_home()
 
     def run():
@@ -120,7 +120,7 @@ def transaction(fn: Callable[[Any], Any]) -> Any:
     """One transaction on the store (for queue actions while the engine is stopped:
     they need a home that exists); its errors are the caller's to report."""
     import sqlite3
-    from mailbox_guard.store import connect
+    from mailbox_guard.store.db import connect
     path = require_home()
     conn = connect(path)
     try:

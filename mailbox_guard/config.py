@@ -114,6 +114,36 @@ def _float_range(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise SettingError(f"not yes or no: {text!r}")
+
+
+def _threshold(text: str) -> float | None:
+    """A score, or "off" (None): the action is never taken by score."""
+    value = str(text).strip().lower()
+    if value in ("off", "none", ""):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingError(f"not a score or 'off': {text!r}") from None
+    if not -1000 <= number <= 1000:
+        raise SettingError(f"{text} is outside -1000..1000")
+    return number
+
+
+def _subject_prefix(text: str) -> str:
+    value = str(text)
+    if len(value) > 64 or not all(32 <= ord(c) < 127 for c in value):
+        raise SettingError("a subject prefix is at most 64 printable ASCII characters")
+    return value
+
+
 def _hostname(text: str) -> str:
     text = str(text).strip().rstrip(".").lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", text):
@@ -142,6 +172,7 @@ class Setting:
     default: str
     parse: Callable[[str], Any]
     help: str
+    scoped: bool = False          # may be set per domain or per user too (user > domain > server)
 
 
 def _default_hostname() -> str:
@@ -174,6 +205,25 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "After this many error replies the session is ended with 421."),
     Setting("smtp.error_sleep", "1s", _float_range(0, 60),
             "Delay added to replies once the soft error limit is passed."),
+    Setting("smtp.delay_reject", "yes", _bool,
+            "Refusals found at CONNECT, HELO and MAIL by non-gate checks are answered at RCPT "
+            "(Postfix's smtpd_delay_reject), so that per-recipient exceptions such as postmaster@ "
+            "still apply; no: answered at once (CONNECT: instead of the banner)."),
+    Setting("actions.tag", "6", _threshold,
+            "Score from which a message is tagged: X-Spam-Flag, X-Spam-Score and X-Spam-Symbols "
+            "headers, and actions.subject_prefix (off: never).", scoped=True),
+    Setting("actions.quarantine", "off", _threshold,
+            "Score from which a message is quarantined (queue state quarantine) instead of delivered "
+            "(off: never).", scoped=True),
+    Setting("actions.tempfail", "off", _threshold,
+            "Score from which a message is refused with 451 so that the sender retries, as rspamd's "
+            "greylist action (off: never).", scoped=True),
+    Setting("actions.reject", "15", _threshold,
+            "Score from which a message is rejected with 550 (at RCPT when reached before DATA; "
+            "off: never).", scoped=True),
+    Setting("actions.subject_prefix", "", _subject_prefix,
+            "Put before the Subject of a tagged message, e.g. [SPAM] (empty: the subject is left alone).",
+            scoped=True),
     Setting("auth.session_failures", "3", _int(1, 100),
             "AUTH failures in one session before it is closed with 421."),
     Setting("auth.ban_after", "10", _int(0, 100000),

@@ -10,7 +10,6 @@ otherwise a change in the store is picked up within a second.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import gc
@@ -23,26 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import queue as q
-from . import replies
-from .auth import AuthService
-from .users import dummy_hash
-from .checks.connect_network import TrustedNetwork
-from .checks.rcpt_recipients import RecipientList
-from .checks.data_hops import HopCount
-from .checks.data_sender_headers import SenderHeaders
-from .checks.mail_sender_owner import SenderOwner
-from .checks.rcpt_relay import RelayControl
-from .config import Settings
-from .control import SOCKET_NAME, ControlServer
-from .delivery import Delivery
-from .dns import DnsCache
-from .events import EventBus, Stats
-from .pipeline import Pipeline
-from .policy import Policy
-from .smtp_server import GuardSMTP, Handler, ImplicitTlsServer, assert_hooks, make_protocol
-from .tls import TlsError, TlsManager
-from .store import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home
+from mailbox_guard.queue import ops as q
+from mailbox_guard import replies
+from mailbox_guard.auth.service import AuthService
+from mailbox_guard.auth.users import dummy_hash
+from mailbox_guard.checks import default_checks
+from mailbox_guard.config import Settings
+from mailbox_guard.control.server import SOCKET_NAME, ControlServer
+from mailbox_guard.delivery.worker import Delivery
+from mailbox_guard.lookups.dns import DnsCache
+from mailbox_guard.events import EventBus, Stats
+from mailbox_guard.model import QueuedMessage, Result, SessionFacts
+from mailbox_guard.policy.snapshot import Policy
+from mailbox_guard.session.pipeline import Pipeline
+from mailbox_guard.session.session import Deps
+from mailbox_guard.smtp.handler import Handler, assert_hooks
+from mailbox_guard.smtp.server import ConnectionTable, ImplicitTlsServer, Listener, make_protocol
+from mailbox_guard.tls import TlsError, TlsManager
+from mailbox_guard.store.db import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home, policy_sections, state_versions
 
 log = logging.getLogger("mailbox_guard.engine")
 
@@ -60,20 +57,31 @@ class ListenerSpec:
     plaintext_auth: bool = False     # PLAIN/LOGIN before TLS: loopback listeners only
 
 
-def default_checks() -> list:
-    """Check order is policy: relay control first in RCPT, always."""
-    return [TrustedNetwork(), SenderOwner(), RelayControl(), RecipientList(), HopCount(), SenderHeaders()]
-
-
 def load_policy(conn) -> Policy:
-    version = int(conn.execute("SELECT value FROM meta WHERE key='policy_version'").fetchone()[0])
-    return Policy.from_rows(
-        version,
-        domains=[tuple(r) for r in conn.execute("SELECT name, next_hop, anti_impersonation FROM domains")],
-        recipients=[r[0] for r in conn.execute("SELECT address FROM recipients")],
-        networks=[r[0] for r in conn.execute("SELECT cidr FROM networks")],
-        settings={r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")},
-        legacy_mechanisms=[(r[0], r[1]) for r in conn.execute("SELECT domain, mechanism FROM domain_mechanisms")])
+    """The snapshot from the store's named sections."""
+    sections = policy_sections(conn)
+    return Policy.from_sections(sections.pop("version"), **sections)
+
+
+class _Observer:
+    """The session's reports to the live view (stats and events)."""
+
+    def __init__(self, stats: Stats, events: EventBus) -> None:
+        self.stats = stats
+        self.events = events
+
+    def result(self, check: str, symbol: str, action: str) -> None:
+        self.stats.result(check, symbol, action)
+
+    def refused(self, facts: SessionFacts, phase: str, subject: str, deciding: Result | None,
+                reply: str | None) -> None:
+        if phase == "auth":
+            self.stats.count("auth_failed")
+        else:
+            self.stats.count("tempfailed" if reply and reply[:1] == "4" else "rejected")
+        self.events.publish("reject", connection=facts.connection_id, peer_ip=facts.peer_ip,
+                            phase=phase, subject=subject, check=deciding.check if deciding else None,
+                            symbol=deciding.symbol if deciding else None, reply=reply)
 
 
 class EngineLockedError(StoreError):
@@ -89,9 +97,8 @@ class Engine:
         self.listener_override = listeners
         self.db_path = self.home / DB_NAME
         self.policy = Policy(version=0, settings=Settings())
-        self.draining = False
-        self.sessions: dict[str, GuardSMTP] = {}
-        self.per_ip: collections.Counter[str] = collections.Counter()   # live sessions by client
+        self.bans_version = -1
+        self.table = ConnectionTable(on_open=self._session_opened, on_close=self._session_closed)
         self.servers: list[tuple[ListenerSpec, asyncio.AbstractServer]] = []
         self.bound: list[dict[str, Any]] = []
         self.pipeline = Pipeline(default_checks())
@@ -112,6 +119,17 @@ class Engine:
         self.stats = Stats()
         self.control: ControlServer | None = None
         self.auth = AuthService(self)
+        self.session_deps = Deps(pipeline=self.pipeline, policy=lambda: self.policy,
+                                 new_queue_id=q.new_queue_id, commit=self.commit_messages,
+                                 dns=lambda: self.dns, observer=_Observer(self.stats, self.events))
+
+    @property
+    def sessions(self) -> dict:
+        return self.table.sessions
+
+    @property
+    def draining(self) -> bool:
+        return self.table.draining
 
     # ------------------------------------------------------------------ start
     def _lock(self) -> None:
@@ -136,6 +154,7 @@ class Engine:
         self.policy = await self.readers.run(load_policy)
         settings = self.policy.settings
         self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
+        self.bans_version = (await self.readers.run(state_versions))[1]
         await self.auth.load_bans()
         await self.auth.load_known()
         await asyncio.to_thread(dummy_hash)     # before any login: failures all take as long
@@ -143,7 +162,7 @@ class Engine:
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
         self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
-        from .gssapi_auth import availability
+        from mailbox_guard.auth.kerberos import availability
         self.gssapi = await asyncio.to_thread(availability, self.home, settings["auth.gssapi_principal"])
         log.info("GSSAPI: %s", self.gssapi.reason)
         self.tls = TlsManager(self.home, settings["smtp.hostname"])
@@ -162,7 +181,7 @@ class Engine:
             await self._close_servers()
             raise StoreError(f"cannot open the control socket {self.control.path}: {exc.strerror or exc}") from None
         if self.metrics_at is not None:
-            from .metrics import MetricsServer
+            from mailbox_guard.control.metrics import MetricsServer
             self.metrics = MetricsServer(self, *self.metrics_at)
             try:
                 await self.metrics.start()
@@ -193,19 +212,28 @@ class Engine:
 
     async def _start_listeners(self) -> None:
         loop = asyncio.get_running_loop()
+        handler = Handler()
+        assert_hooks(handler)
         for spec in self._listener_specs():
-            handler = Handler(self, spec.name, spec.kind, spec)
-            assert_hooks(handler)
+            listener = Listener(
+                name=spec.name, kind=spec.kind,
+                # Submission and SMTPS always want AUTH; an inbound listener only when
+                # the admin says so (then it offers AUTH too).
+                require_auth=spec.kind != "inbound" or bool(spec.require_auth),
+                plaintext_auth=bool(spec.plaintext_auth), policy=lambda: self.policy,
+                deps=self.session_deps, table=self.table, auth=self.auth,
+                tls_context=lambda n=spec.name: self.tls.context(n), gssapi=lambda: self.gssapi,
+                home=self.home)
             try:
                 # Every connection gets its TLS context when it arrives (a new
                 # certificate is used at once); SMTPS accepts by itself, so that a
                 # connection in its handshake counts against the limits.
                 self.tls.context(spec.name)     # fail early on a bad certificate
                 if spec.kind == "smtps":
-                    server = await ImplicitTlsServer.start(self, handler, spec.host, spec.port)
+                    server = await ImplicitTlsServer.start(listener, handler, spec.host, spec.port)
                 else:
                     server = await loop.create_server(
-                        lambda h=handler: make_protocol(self, h), spec.host, spec.port,
+                        lambda lst=listener: make_protocol(lst, handler), spec.host, spec.port,
                         reuse_address=True, backlog=1024)
             except TlsError as exc:
                 await self._close_servers()
@@ -228,17 +256,23 @@ class Engine:
 
     # ------------------------------------------------------------------ running
     async def reload_policy(self) -> bool:
+        """Swap in a new snapshot when the store's policy version moved (a cheap
+        read each second; the policy itself only when it changed); reload the bans
+        when only they changed."""
         assert self.readers is not None
-        policy = await self.readers.run(load_policy)
-        if policy.version == self.policy.version:
+        version, bans = await self.readers.run(state_versions)
+        if bans != self.bans_version:
+            self.bans_version = bans
+            await self.auth.load_bans()
+        if version == self.policy.version:
             return False
+        policy = await self.readers.run(load_policy)
         old = self.policy
-        self.policy = policy      # one atomic swap; sessions read the attribute per phase
-        await self.auth.load_bans()
+        self.policy = policy      # one atomic swap; a transaction keeps the one it started with
         if policy.settings["store.busy_timeout"] != old.settings["store.busy_timeout"] and self.writer:
             self.writer.set_busy_timeout(policy.settings["store.busy_timeout"])
         if policy.settings["auth.gssapi_principal"] != old.settings["auth.gssapi_principal"]:
-            from .gssapi_auth import availability
+            from mailbox_guard.auth.kerberos import availability
             self.gssapi = await asyncio.to_thread(availability, self.home, policy.settings["auth.gssapi_principal"])
             log.info("GSSAPI: %s", self.gssapi.reason)
         if (policy.settings["dns.nameservers"] != old.settings["dns.nameservers"]
@@ -270,43 +304,42 @@ class Engine:
             except Exception as exc:
                 log.error("purge failed: %s", exc)
 
-    async def commit_message(self, msg: q.NewMessage) -> None:
+    async def commit_messages(self, msgs: list[QueuedMessage]) -> None:
+        """Durable before the 250: the messages of one DATA in one commit."""
         assert self.writer is not None
         started = time.monotonic()
         try:
-            await self.writer.run(lambda c: q.insert_message(c, msg))
+            await self.writer.run(lambda c: [q.insert_message(c, m) for m in msgs])
         except Exception:
             self.counters["store_errors"] += 1
             raise
         self.stats.commit_seconds.append(time.monotonic() - started)
         self.stats.count("accepted")
-        self.stats.sender(msg.mail_from)
-        self.events.publish("message", id=msg.id, mail_from=msg.mail_from,
-                            recipients=[r for r, _ in msg.recipients], size=msg.size,
-                            connection=msg.connection_id, message_id=msg.message_id)
-        if self.delivery is not None:
+        self.stats.sender(msgs[0].mail_from)
+        for msg in msgs:
+            self.events.publish("message", id=msg.id, mail_from=msg.mail_from,
+                                recipients=[r for r, _ in msg.recipients], size=msg.size,
+                                connection=msg.connection_id, message_id=msg.message_id, state=msg.state)
+        if self.delivery is not None and any(m.state == "incoming" for m in msgs):
             self.delivery.wake.set()
 
-    def session_opened(self, proto: GuardSMTP) -> None:
-        self.sessions[proto.facts.connection_id] = proto
-        self.per_ip[proto.facts.peer_ip] += 1
+    def _session_opened(self, proto) -> None:
         self.counters["connections"] += 1
         self.events.publish("connection", action="opened", **self._connection_row(proto))
 
-    def session_closed(self, proto: GuardSMTP) -> None:
-        if self.sessions.pop(proto.facts.connection_id, None) is not None:
-            self.per_ip[proto.facts.peer_ip] -= 1
-            if self.per_ip[proto.facts.peer_ip] <= 0:
-                del self.per_ip[proto.facts.peer_ip]
+    def _session_closed(self, proto) -> None:
         self.events.publish("connection", action="closed", id=proto.facts.connection_id,
                             messages=proto.messages, rejected=proto.rejected)
         if self.writer is None:
             return
         facts = proto.facts
+        tls = facts.tls or {}
         row = {"id": facts.connection_id, "listener": facts.listener, "peer_ip": facts.peer_ip,
                "peer_port": facts.peer_port, "helo": facts.helo, "started_at": facts.started_at,
-               "ended_at": time.time(), "messages": proto.messages, "rejected": proto.rejected}
-        trace = list(proto.conn_trace)
+               "ended_at": time.time(), "messages": proto.messages, "rejected": proto.rejected,
+               "tls_version": tls.get("version"), "tls_cipher": tls.get("cipher"),
+               "auth_user": facts.auth_user, "auth_mechanism": facts.auth_mechanism}
+        trace = list(proto.guard.conn_trace)
         task = asyncio.ensure_future(self._record_connection(row, trace))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -319,7 +352,7 @@ class Engine:
 
     # ------------------------------------------------------------------ live view
     @staticmethod
-    def _connection_row(proto: GuardSMTP) -> dict:
+    def _connection_row(proto) -> dict:
         facts = proto.facts
         env = proto.envelope
         tls = facts.tls or None
@@ -332,7 +365,7 @@ class Engine:
                 "recipients": len(env.rcpt_tos) if env is not None else 0}
 
     def connections_from(self, ip: str) -> int:
-        return self.per_ip[ip]
+        return self.table.count_from(ip)
 
     def live_connections(self) -> list[dict]:
         return [self._connection_row(p) for p in list(self.sessions.values())]
@@ -347,7 +380,7 @@ class Engine:
 
     async def status(self) -> dict:
         counts = await self.readers.run(q.counts_by_state)
-        from . import __version__
+        from mailbox_guard import __version__
         return {"version": __version__, "pid": os.getpid(), "home": str(self.home),
                 "started_at": self.started_at, "uptime": round(time.time() - self.started_at, 1),
                 "draining": self.draining, "policy_version": self.policy.version,
@@ -394,7 +427,7 @@ class Engine:
 
     async def shutdown(self) -> None:
         log.info("draining: no new connections, %d session(s) in flight", len(self.sessions))
-        self.draining = True
+        self.table.draining = True
         for _, server in self.servers:
             server.close()
         # Sessions between transactions are told to come back later; sessions in a

@@ -163,13 +163,13 @@ class Gateway:
         return proc
 
     def configure(self, **settings: str) -> None:
-        from mailbox_guard.store import PolicyStore, ensure_home
+        from mailbox_guard.store.db import PolicyStore, ensure_home
         store = PolicyStore(ensure_home(self.home))
         for key, value in settings.items():
             store.set_setting(key.replace("__", "."), value)
 
     def policy(self):
-        from mailbox_guard.store import PolicyStore, ensure_home
+        from mailbox_guard.store.db import PolicyStore, ensure_home
         return PolicyStore(ensure_home(self.home))
 
     def start(self, *extra: str, listeners_from_store: bool = False) -> "Gateway":

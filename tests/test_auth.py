@@ -338,7 +338,7 @@ def test_cram_md5_secret_matches_hmac():
     import hashlib
     import hmac
     import os
-    from mailbox_guard import cram_md5
+    from mailbox_guard.auth import cram_md5
     for n in range(50):
         password = os.urandom(n + 1).hex()[: n * 3 + 1]
         challenge = os.urandom(n * 4)

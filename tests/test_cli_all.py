@@ -177,7 +177,7 @@ def test_usage_errors_exit_2(engine_home):
 
 def test_status_when_the_engine_is_down_still_reads_the_store(tmp_path):
     home = tmp_path / "h"
-    from mailbox_guard.store import ensure_home
+    from mailbox_guard.store.db import ensure_home
     ensure_home(home)            # status on a home that does not exist fails (tests/test_cli_ops.py)
     out = subprocess.run([sys.executable, "-m", "mailbox_guard", "--home", str(home), "status", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)

@@ -72,7 +72,7 @@ def add_user(home, name, password=PASSWORD):
 
 # ----------------------------------------------------------------- open relay
 def test_open_relay_networks_need_force(tmp_path):
-    from mailbox_guard.store import open_relay_networks
+    from mailbox_guard.store.db import open_relay_networks
     home = tmp_path / "h"
     for cidr in ("0.0.0.0/0", "::/0", "8.0.0.0/8", "0.0.0.0/1", "2a00::/16", "2000::/3"):
         assert "open relay" in refused(home, "networks", "add", cidr), cidr

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailbox_guard.control_client import ControlClient
+from mailbox_guard.control.client import ControlClient
 from tests.conftest import free_port, make_message, new_gateway
 
 
@@ -194,7 +194,7 @@ def test_bans_through_the_socket(running):
 
 def test_subscription_streams_live_events(running):
     import asyncio
-    from mailbox_guard.control_client import AsyncControlClient
+    from mailbox_guard.control.client import AsyncControlClient
 
     async def collect() -> list[dict]:
         client = AsyncControlClient(running.home)
@@ -237,7 +237,7 @@ def test_bad_parameters_are_refused_not_obeyed(running):
 
 
 def test_bulk_actions_and_why_through_the_socket(running):
-    from mailbox_guard.control_client import ControlCallError
+    from mailbox_guard.control.client import ControlCallError
     c = ControlClient(running.home)
     queue_id = running.query("SELECT id FROM messages")[0]["id"]
     assert c.call("queue.bulk", action="hold", to_domain="other.test") == {"action": "hold", "ids": []}

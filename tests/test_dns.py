@@ -11,7 +11,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from mailbox_guard.dns import DnsAnswer, DnsCache, DnsError, DnsTempError, MxResult
+from mailbox_guard.lookups.dns import DnsAnswer, DnsCache, DnsError, DnsTempError, MxResult
 from tests.dns_server import ZoneServer
 
 ZONE = """

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mailbox_guard.dsn import FailedRecipient, build_dsn, human_duration, message_id_of
+from mailbox_guard.mail.dsn import FailedRecipient, build_dsn, human_duration, message_id_of
 
 ARRIVAL = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 NOW = datetime(2024, 1, 7, 3, 4, 5, tzinfo=timezone.utc)
@@ -229,7 +229,7 @@ def test_bare_lf_headers_are_returned():
 def test_returned_headers_are_capped():
     """A bounce never carries more than the limit, whatever the original's headers."""
     from datetime import datetime, timezone
-    from mailbox_guard.dsn import FailedRecipient, build_dsn
+    from mailbox_guard.mail.dsn import FailedRecipient, build_dsn
     huge = b"".join(b"X-Payload-%d: %s\r\n" % (i, b"y" * 900) for i in range(2000)) + b"\r\nbody\r\n"
     data = build_dsn(reporting_mta="gw.test", original_sender="victim@victim.test", queue_id="Q1",
                      arrival_date=datetime.now(timezone.utc),

@@ -35,7 +35,7 @@ class InProcess:
 
 @pytest.fixture
 def live(tmp_path):
-    from mailbox_guard.store import PolicyStore, ensure_home
+    from mailbox_guard.store.db import PolicyStore, ensure_home
     store = PolicyStore(ensure_home(tmp_path / "home"))
     store.add_domain("example.test", "127.0.0.1:9")
     store.set_setting("smtp.error_sleep", "0")
@@ -47,10 +47,10 @@ def live(tmp_path):
 def test_crash_in_a_phase_answers_451_without_details(live):
     real_run = live.engine.pipeline.run
 
-    async def boom(ctx):
+    async def boom(ctx, **kw):
         if ctx.phase.value == "rcpt":
             raise ValueError("SECRET-INTERNAL-DETAIL")
-        return await real_run(ctx)
+        return await real_run(ctx, **kw)
 
     live.engine.pipeline.run = boom
     with smtplib.SMTP("127.0.0.1", live.port, timeout=10) as s:
@@ -69,10 +69,10 @@ def test_crash_in_a_phase_answers_451_without_details(live):
 
 
 def test_storage_crash_at_commit_answers_451(live):
-    async def broken(msg):
+    async def broken(msgs):
         raise OSError(28, "No space left on device")
 
-    live.engine.commit_message = broken
+    live.engine.session_deps.commit = broken
     with smtplib.SMTP("127.0.0.1", live.port, timeout=10) as s:
         s.ehlo("client.test")
         s.mail("a@sender.test")

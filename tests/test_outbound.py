@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailbox_guard.smtp_client import dot_stuff
+from mailbox_guard.delivery.client import dot_stuff
 from tests.conftest import Sink, free_port, make_message
 
 

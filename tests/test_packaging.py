@@ -289,20 +289,20 @@ import ctypes, importlib, importlib.machinery, json, sys
 from pathlib import Path
 import argon2, uvloop
 import aiosmtpd.smtp, dkim, spf, dns.asyncresolver, geoip2.database, sqlite_utils, textual.app, typer
-import mailbox_guard.store, mailbox_guard.engine, cli.app
+import mailbox_guard.store.db, mailbox_guard.engine, cli.app
 hasher = argon2.PasswordHasher()
 assert hasher.verify(hasher.hash("secret"), "secret")
 async def main():
     return 42
 assert uvloop.run(main()) == 42
-assert "CREATE" in mailbox_guard.store.schema_text()
+assert "CREATE" in mailbox_guard.store.db.schema_text()
 # Every compiled module in the archive, imported.
 site = Path(mailbox_guard.__file__).parent.parent
 suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 names = sorted(".".join(p.relative_to(site).parent.parts + (p.name.split(".")[0],))
                for p in site.rglob("*.so") if p.name.endswith(suffixes))
 files = {n: importlib.import_module(n).__file__ for n in names}
-files["mailbox_guard.store"] = mailbox_guard.store.__file__
+files["mailbox_guard.store.db"] = mailbox_guard.store.db.__file__
 libc = ctypes.CDLL(None, use_errno=True)
 print(json.dumps({"mdwe": libc.prctl(66, 0, 0, 0, 0), "files": files}))     # PR_GET_MDWE
 """

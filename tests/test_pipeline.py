@@ -1,6 +1,6 @@
-"""The pipeline fails safe: a check that crashes or times out yields a 4xx, never an
-accept and never a 5xx; the first reject or tempfail decides; relay control runs
-first in RCPT. No socket needed."""
+"""The check runner fails safe: a check that crashes or times out yields a 4xx,
+never an accept and never a 5xx; the first enforced gate refusal decides and stops
+the phase; relay control runs first in RCPT. No socket needed."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import asyncio
 import pytest
 
 from mailbox_guard import replies
-from mailbox_guard.addresses import parse_path
+from mailbox_guard.mail.addresses import parse_path
 from mailbox_guard.checks.rcpt_recipients import RecipientList
 from mailbox_guard.checks.rcpt_relay import RelayControl
-from mailbox_guard.engine import default_checks
-from mailbox_guard.pipeline import (Action, Context, Phase, Pipeline, Result, SessionFacts,
-                                    TransactionFacts)
-from mailbox_guard.policy import Policy
+from mailbox_guard.checks import default_checks
+from mailbox_guard.model import REFUSALS, Action, Context, Mode, Phase, Result, SessionFacts, TransactionFacts
+from mailbox_guard.policy import decide
+from mailbox_guard.policy.snapshot import Policy
+from mailbox_guard.session.pipeline import Pipeline
 
 
 class Crashing:
@@ -34,16 +35,15 @@ class Slow:
 
 
 class Rejecting:
-    name, phases, timeout = "rejecting", frozenset({Phase.RCPT}), 1.0
+    name, phases, timeout, gate = "rejecting", frozenset({Phase.RCPT}), 1.0, True
 
     async def run(self, ctx):
         return [Result(self.name, "NOPE", Action.REJECT, reply="550 5.7.1 nope")]
 
 
 def policy(**kw) -> Policy:
-    return Policy.from_rows(1, domains=kw.get("domains", [("example.test", None)]),
-                            recipients=kw.get("recipients", []), networks=kw.get("networks", []),
-                            settings={})
+    return Policy.from_sections(1, domains=kw.get("domains", [{"name": "example.test"}]),
+                                recipients=kw.get("recipients", []), networks=kw.get("networks", []))
 
 
 def ctx(rcpt: str, pol: Policy | None = None, trusted: bool = False) -> Context:
@@ -53,25 +53,50 @@ def ctx(rcpt: str, pol: Policy | None = None, trusted: bool = False) -> Context:
 
 
 def run(pipeline, c):
-    return asyncio.run(pipeline.run(c))
+    """(the deciding refusal or None, every result) as the session sees them."""
+    enforce = lambda name: Mode.ENFORCE     # noqa: E731
+    results = asyncio.run(pipeline.run(c, stop=lambda r: r.action in REFUSALS and r.check in pipeline.gates))
+    return decide.refusal(results, enforce), results
 
 
 def test_crashing_check_tempfails_with_no_exception_text():
-    d = run(Pipeline([Crashing()]), ctx("<a@example.test>"))
-    assert d.action is Action.TEMPFAIL
-    assert d.reply == replies.S451_CHECK_UNAVAILABLE and "boom" not in d.reply
-    assert d.results[0].symbol == "CHECK_ERROR"
+    deciding, results = run(Pipeline([Crashing()]), ctx("<a@example.test>"))
+    assert deciding.action is Action.TEMPFAIL
+    assert decide.reply_for(deciding) == replies.S451_CHECK_UNAVAILABLE and "boom" not in deciding.reply
+    assert results[0].symbol == "CHECK_ERROR"
 
 
 def test_slow_check_tempfails_within_its_timeout():
-    d = run(Pipeline([Slow()]), ctx("<a@example.test>"))
-    assert d.action is Action.TEMPFAIL and d.results[0].symbol == "CHECK_TIMEOUT"
+    deciding, results = run(Pipeline([Slow()]), ctx("<a@example.test>"))
+    assert deciding.action is Action.TEMPFAIL and results[0].symbol == "CHECK_TIMEOUT"
 
 
-def test_first_objection_decides_and_later_checks_do_not_run():
-    d = run(Pipeline([Rejecting(), Crashing()]), ctx("<a@example.test>"))
-    assert d.action is Action.REJECT and d.reply == "550 5.7.1 nope"
-    assert [r.check for r in d.results] == ["rejecting"]
+def test_first_gate_objection_decides_and_later_checks_do_not_run():
+    deciding, results = run(Pipeline([Rejecting(), Crashing()]), ctx("<a@example.test>"))
+    assert deciding.action is Action.REJECT and decide.reply_for(deciding) == "550 5.7.1 nope"
+    assert [r.check for r in results] == ["rejecting"]
+
+
+def test_each_check_sees_the_results_before_it():
+    seen = []
+
+    class Looking:
+        name, phases, timeout = "looking", frozenset({Phase.RCPT}), None
+
+        async def run(self, ctx):
+            seen.extend(r.symbol for r in ctx.results)
+            return []
+
+    class Scoring:
+        name, phases, timeout = "scoring", frozenset({Phase.RCPT}), None
+
+        async def run(self, ctx):
+            return [Result(self.name, "SCORED", score=2.0)]
+    c = ctx("<a@example.test>")
+    c.results = (Result("earlier", "FROM_CONNECT", score=1.0),)
+    asyncio.run(Pipeline([Scoring(), Looking()]).run(c))
+    assert seen == ["FROM_CONNECT", "SCORED"]
+    assert [r.symbol for r in c.results] == ["FROM_CONNECT"]      # read-only for the checks
 
 
 def test_relay_control_is_first_in_rcpt():

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from mailbox_guard.control_client import ControlClient
+from mailbox_guard.control.client import ControlClient
 from tests.conftest import free_port
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mailbox_guard import store
+from mailbox_guard.store import db as store
 from tests.conftest import ROOT
 
 

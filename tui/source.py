@@ -1,7 +1,7 @@
 """Where the dashboard's data comes from.
 
 :class:`Source` is the interface the feed and the screens use; :class:`EngineSource`
-implements it with the engine's control socket (:mod:`mailbox_guard.control_client`)
+implements it with the engine's control socket (:mod:`mailbox_guard.control.client`)
 and, when the engine is down, a read-only connection to the store opened in a worker
 thread (sqlite calls block; they never run on the event loop): the queue, and the
 brute-force bans in force (``auth_bans``). Tests substitute a frozen source to take
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from mailbox_guard import queue as q
-from mailbox_guard.control_client import AsyncControlClient, ControlCallError, EngineNotRunning
-from mailbox_guard.store import DB_NAME, StoreError, connect
+from mailbox_guard.queue import ops as q
+from mailbox_guard.control.client import AsyncControlClient, ControlCallError, EngineNotRunning
+from mailbox_guard.store.db import DB_NAME, StoreError, connect
 
 __all__ = ["Source", "EngineSource", "MessagePage", "MessageKind", "StoreUnavailable", "EngineNotRunning",
            "ControlCallError", "KINDS"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from cli.common import JSON, emit, fail, guarded, state, store
-from mailbox_guard.users import UserStore
+from mailbox_guard.auth.users import UserStore
 
 app = typer.Typer(help="Authentication bans after repeated failures.\n\n"
                   "Example: mailbox-guard auth bans",
@@ -47,7 +47,7 @@ def auth_gssapi(keytab: Path = typer.Option(..., "--keytab", metavar="FILE", hel
 
     Example: mailbox-guard auth gssapi --keytab /etc/krb5.keytab --principal smtp/mail.example.org
     """
-    from mailbox_guard.gssapi_auth import install_keytab
+    from mailbox_guard.auth.kerberos import install_keytab
     if not principal.strip() or any(c.isspace() for c in principal):
         fail(f"not a principal: {principal!r}")
     st = store()

@@ -13,7 +13,7 @@ import typer
 
 from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, store
 from mailbox_guard.config import SETTINGS, SettingError
-from mailbox_guard.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
+from mailbox_guard.store.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
                                       read_state)
 
 app = typer.Typer(help="Settings and the whole policy as one TOML file.\n\n"

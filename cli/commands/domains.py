@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, store
-from mailbox_guard.store import domain_unicode
+from mailbox_guard.store.db import domain_unicode
 
 app = typer.Typer(help="Domains we guard (accept mail for) and their next hops.\n\n"
                   "Example: mailbox-guard domains add example.org --next-hop 10.0.0.5:25",
@@ -57,7 +57,7 @@ def domains_show(name: str = typer.Argument(..., help="Domain name."), as_json: 
     Example: mailbox-guard domains show example.org
     """
     from dataclasses import asdict
-    from mailbox_guard.users import DEFAULT_POLICY
+    from mailbox_guard.auth.users import DEFAULT_POLICY
     info = guarded(lambda: store().domain(name))
     info["password_policy"] = info["password_policy"] or asdict(DEFAULT_POLICY)
     if as_json:

@@ -6,7 +6,7 @@ import typer
 
 from cli.common import JSON, emit_json, fail, read_store
 from cli.commands.queue import _print_trace, _when
-from mailbox_guard import queue as q
+from mailbox_guard.queue import ops as q
 
 app = typer.Typer(help="Questions about messages.\n\n"
                   "Example: mailbox-guard messages why '<abc@example.org>'",

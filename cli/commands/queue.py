@@ -11,8 +11,8 @@ import typer
 
 from cli.common import (JSON, YES, confirm, control, emit, emit_json, engine_running, fail, guarded, progress,
                         read_store, transaction, write_store)
-from mailbox_guard import queue as q
-from mailbox_guard.dsn import human_duration
+from mailbox_guard.queue import ops as q
+from mailbox_guard.mail.dsn import human_duration
 
 app = typer.Typer(help="The mail queue: list, show, summary, retry, hold, release, delete, flush, purge.\n\n"
                   "Example: mailbox-guard queue list --state deferred",
@@ -154,7 +154,7 @@ TO_DOMAIN = typer.Option(None, "--to-domain", metavar="DOMAIN",
 
 def _one(running: bool, action: str, message: str) -> Optional[str]:
     """Apply an action to one message; the reason when it cannot apply."""
-    from mailbox_guard.control_client import ControlCallError
+    from mailbox_guard.control.client import ControlCallError
     method, offline, _ = ACTIONS[action]
     try:
         if running:

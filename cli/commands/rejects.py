@@ -12,7 +12,7 @@ import typer
 
 from cli.common import JSON, emit, guarded, read_store
 from cli.commands.queue import _when
-from mailbox_guard import queue as q
+from mailbox_guard.queue import ops as q
 
 
 def rejects(since: Optional[str] = typer.Option(None, "--since", metavar="DURATION",

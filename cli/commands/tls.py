@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from cli.common import JSON, emit, emit_json, fail, guarded, require_home, state, store
-from mailbox_guard.store import ensure_home
+from mailbox_guard.store.db import ensure_home
 
 app = typer.Typer(help="TLS certificates of the listeners.\n\n"
                   "Example: mailbox-guard tls install --cert fullchain.pem --key privkey.pem",

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from cli.common import JSON, emit, fail, guarded, require_home, store
-from mailbox_guard.users import UserStore
+from mailbox_guard.auth.users import UserStore
 
 app = typer.Typer(help="Users who may authenticate to send mail, their aliases, the password policy.\n\n"
                   "Example: mailbox-guard users add alice@example.org",

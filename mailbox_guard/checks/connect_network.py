@@ -4,7 +4,7 @@ of RCPT uses it, later access rules and flow control build on it)."""
 
 from __future__ import annotations
 
-from ..pipeline import Action, Context, Phase, Result
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "connect_network"
 
@@ -13,6 +13,10 @@ class TrustedNetwork:
     name = NAME
     phases = frozenset({Phase.CONNECT})
     timeout = None          # computes from the session facts only
+    gate = False
+    default_mode = Mode.ENFORCE
+    fixed_mode = False
+    description = 'Notes whether the client is in a trusted network (relay control uses it).'
 
     async def run(self, ctx: Context) -> list[Result]:
         if ctx.session.trusted_network:

@@ -3,8 +3,8 @@ a mail loop; refuse it at DATA (554 5.4.6) rather than pass it round again."""
 
 from __future__ import annotations
 
-from .. import replies
-from ..pipeline import Action, Context, Phase, Result
+from mailbox_guard import replies
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "data_hops"
 
@@ -13,6 +13,10 @@ class HopCount:
     name = NAME
     phases = frozenset({Phase.DATA})
     timeout = None          # counts headers already parsed
+    gate = True
+    default_mode = Mode.ENFORCE
+    fixed_mode = False
+    description = 'More Received: headers than smtp.max_hops is a mail loop (554).'
 
     async def run(self, ctx: Context) -> list[Result]:
         headers = ctx.transaction.headers

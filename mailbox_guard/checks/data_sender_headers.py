@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from email.utils import getaddresses
 
-from .. import replies
-from ..pipeline import Action, Context, Phase, Result
-from .mail_sender_owner import enforced
+from mailbox_guard import replies
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
+from mailbox_guard.checks.mail_sender_owner import enforced
 
 NAME = "data_sender_headers"
 _WATCHED = ("from", "sender")
@@ -45,6 +45,10 @@ class SenderHeaders:
     name = NAME
     phases = frozenset({Phase.DATA})
     timeout = None          # reads the header section already received
+    gate = True
+    default_mode = Mode.ENFORCE
+    fixed_mode = False
+    description = "From:/Sender: of an authenticated user's message must be its own (553)."
 
     async def run(self, ctx: Context) -> list[Result]:
         if not enforced(ctx):

@@ -4,8 +4,8 @@ default); anything else gets 553 5.7.1, recorded in the verdict trace."""
 
 from __future__ import annotations
 
-from .. import replies
-from ..pipeline import Action, Context, Phase, Result
+from mailbox_guard import replies
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "mail_sender_owner"
 
@@ -22,6 +22,10 @@ class SenderOwner:
     name = NAME
     phases = frozenset({Phase.MAIL})
     timeout = None          # compares with the session's facts only
+    gate = True
+    default_mode = Mode.ENFORCE
+    fixed_mode = False
+    description = 'An authenticated user may use as MAIL FROM only its own addresses (553).'
 
     async def run(self, ctx: Context) -> list[Result]:
         if not enforced(ctx):

@@ -3,8 +3,8 @@ recipient list exists for that domain (by default every user of it is accepted).
 
 from __future__ import annotations
 
-from .. import replies
-from ..pipeline import Action, Context, Phase, Result
+from mailbox_guard import replies
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "rcpt_recipients"
 
@@ -13,6 +13,10 @@ class RecipientList:
     name = NAME
     phases = frozenset({Phase.RCPT})
     timeout = None          # computes from the policy snapshot only
+    gate = True
+    default_mode = Mode.ENFORCE
+    fixed_mode = False
+    description = 'Unknown users of a domain with a recipient list get 550.'
 
     async def run(self, ctx: Context) -> list[Result]:
         path = ctx.address

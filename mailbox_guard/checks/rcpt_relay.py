@@ -8,8 +8,8 @@ source routes, quoted local parts hiding ``@ % !``, trailing dots and address li
 
 from __future__ import annotations
 
-from .. import replies
-from ..pipeline import Action, Context, Phase, Result
+from mailbox_guard import replies
+from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "rcpt_relay"
 
@@ -37,6 +37,10 @@ class RelayControl:
     name = NAME
     phases = frozenset({Phase.RCPT})
     timeout = None          # computes from the policy snapshot only
+    gate = True
+    default_mode = Mode.ENFORCE
+    fixed_mode = True
+    description = 'Relay control: guarded domains, or a client that may relay; relay tricks refused. Always enforced.'
 
     async def run(self, ctx: Context) -> list[Result]:
         path = ctx.address

@@ -3,7 +3,7 @@
 -- schema-version: 1
 --
 -- A fresh store is created from this file; an older store is brought up to this
--- version by the numbered migrations in mailbox_guard/store.py (PRAGMA user_version).
+-- version by the numbered migrations in mailbox_guard/store/db.py (PRAGMA user_version).
 -- Policy tables bump meta.policy_version through triggers, so every edit, from the
 -- CLI or anything else, is seen by the running engine without extra bookkeeping.
 

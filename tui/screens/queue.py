@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .messages import MessageListScreen
+from mailbox_guard.messages import MessageListScreen
 
 
 class QueueScreen(MessageListScreen):

@@ -9,10 +9,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from ..format import duration
+from mailbox_guard.format import duration
 
 if TYPE_CHECKING:   # pragma: no cover
-    from ..feed import LiveState
+    from mailbox_guard.feed import LiveState
 
 NOT_RUNNING = "engine not running — press r to retry"
 

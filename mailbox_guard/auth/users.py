@@ -24,8 +24,8 @@ from importlib import resources
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from .config import SettingError
-from .store import PolicyStore, normalise_domain
+from mailbox_guard.config import SettingError
+from mailbox_guard.store.db import PolicyStore, normalise_domain
 
 HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16,
                         type=Type.ID)
@@ -97,7 +97,7 @@ def mechanism_secrets(user: str, domain: str, password: str, legacy: set[str]) -
     if "DIGEST-MD5" in legacy:
         out["DIGEST-MD5"] = hashlib.md5(f"{user}:{domain}:{password}".encode()).hexdigest()
     if "CRAM-MD5" in legacy:
-        from .cram_md5 import derive
+        from mailbox_guard.auth.cram_md5 import derive
         out["CRAM-MD5"] = derive(password)
     return out
 

@@ -10,10 +10,10 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from . import queue as q
+from mailbox_guard.queue import ops as q
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .engine import Engine
+    from mailbox_guard.engine import Engine
 
 log = logging.getLogger("mailbox_guard.metrics")
 

@@ -15,7 +15,9 @@ import itertools
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from mailbox_guard.model import QueuedMessage, Verdict
 
 PENDING, DELIVERED, BOUNCED = "pending", "delivered", "bounced"
 
@@ -32,36 +34,8 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms:011X}{next(_ID_COUNTER) & 0xFFFFFFFFF:09X}"
 
 
-@dataclass
-class Verdict:
-    seq: int
-    at: float
-    phase: str
-    subject: str
-    check: str
-    symbol: str
-    score: float
-    action: str
-    reply: str | None
-    detail: str
-
-
-@dataclass
-class NewMessage:
-    id: str
-    mail_from: str
-    recipients: list[tuple[str, str]]        # (address, lower-case domain)
-    body: bytes
-    received_at: float
-    message_id: str | None = None
-    connection_id: str | None = None
-    listener: str | None = None
-    client_ip: str | None = None
-    verdicts: list[Verdict] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return len(self.body)
+# What the session hands to the queue (one message per group of recipients).
+NewMessage = QueuedMessage
 
 
 def _verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Verdict]):
@@ -72,9 +46,10 @@ def _verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Ver
 def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
     conn.execute(
         "INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, "
-        "connection_id, listener, client_ip) VALUES (?, 'incoming', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.id, m.mail_from, m.message_id, m.size, m.received_at, m.received_at,
-         m.connection_id, m.listener, m.client_ip))
+        "connection_id, listener, client_ip, reason, helo, tls, auth_user) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m.id, m.state, m.mail_from, m.message_id, m.size, m.received_at, m.received_at,
+         m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user))
     conn.execute("INSERT INTO message_bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
     conn.executemany(
         "INSERT OR IGNORE INTO message_recipients (message_id, recipient, domain, state) "

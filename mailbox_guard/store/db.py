@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import SETTINGS, SettingError, parse_endpoint, parse_setting
+from mailbox_guard.config import SETTINGS, SettingError, parse_endpoint, parse_setting
 
 log = logging.getLogger("mailbox_guard.store")
 
@@ -37,9 +37,21 @@ DB_NAME = "mailbox-guard.db"
 class Migration:
     statements: tuple[str, ...] = ()
     new_tables: tuple[str, ...] = ()
+    # Tables rebuilt from schema.sql (SQLite cannot change a CHECK constraint): name ->
+    # the columns the old table had, copied over; then its indexes are made again.
+    rebuilt: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    after: tuple[str, ...] = ()
 
     def script(self, schema: str) -> list[str]:
         out = list(self.statements)
+        for name, columns in self.rebuilt:
+            create = _create_statement(schema, name)
+            out.append(create.replace(f"CREATE TABLE {name} (", f"CREATE TABLE {name}__new (", 1))
+            cols = ", ".join(columns)
+            out.append(f"INSERT INTO {name}__new ({cols}) SELECT {cols} FROM {name}")
+            out.append(f"DROP TABLE {name}")
+            out.append(f"ALTER TABLE {name}__new RENAME TO {name}")
+            out.extend(_index_statements(schema, name))
         for statement in _statements(schema):
             # Leading comment lines belong to no statement.
             words = "\n".join(line for line in statement.splitlines()
@@ -54,8 +66,34 @@ class Migration:
                 target = words[words.index("ON") + 1] if "ON" in words else ""
                 if target in self.new_tables:
                     out.append(statement)
-        return out
+        return out + list(self.after)
 
+
+def _words(statement: str) -> list[str]:
+    return "\n".join(line for line in statement.splitlines()
+                     if not line.lstrip().startswith("--")).split()
+
+
+def _create_statement(schema: str, table: str) -> str:
+    for statement in _statements(schema):
+        words = _words(statement)
+        if words[:3] == ["CREATE", "TABLE", table]:
+            return "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+    raise StoreError(f"schema.sql has no table {table}")
+
+
+def _index_statements(schema: str, table: str) -> list[str]:
+    out = []
+    for statement in _statements(schema):
+        words = _words(statement)
+        if words[:2] == ["CREATE", "INDEX"] and "ON" in words and \
+                words[words.index("ON") + 1].partition("(")[0] == table:
+            out.append(statement)
+    return out
+
+
+_POLICY_BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'policy_version'"
+_BANS_BUMP = "UPDATE meta SET value = value + 1 WHERE key = 'bans_version'"
 
 MIGRATIONS: dict[int, Migration] = {
     # 1 -> 2: users, aliases, mechanism secrets, password policy, brute-force bans;
@@ -72,6 +110,26 @@ MIGRATIONS: dict[int, Migration] = {
     # slows down unknown networks): user bans end; where logins succeeded.
     2: Migration(statements=("DELETE FROM auth_bans WHERE kind = 'user'",
                              "CREATE INDEX verdicts_at ON verdicts(at)"), new_tables=("auth_known",)),
+    # 3 -> 4: the decision core. Quarantine is a queue state (with its reason);
+    # messages and connections keep the facts a replay needs; scoped settings and
+    # check modes; runtime state (bans, secrets, users) no longer bumps the policy
+    # version (bans have their own).
+    3: Migration(
+        statements=(
+            "ALTER TABLE connections ADD COLUMN tls_version TEXT",
+            "ALTER TABLE connections ADD COLUMN tls_cipher TEXT",
+            "ALTER TABLE connections ADD COLUMN auth_user TEXT",
+            "ALTER TABLE connections ADD COLUMN auth_mechanism TEXT",
+            *(f"DROP TRIGGER IF EXISTS {t}_{op}" for t in ("users", "user_secrets", "auth_bans")
+              for op in ("ins", "upd", "del")),
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('bans_version', '1')",
+        ),
+        rebuilt=(("messages", ("id", "state", "mail_from", "message_id", "size", "received_at",
+                               "next_attempt", "attempts", "lease_until", "connection_id", "listener",
+                               "client_ip", "last_error", "done_at")),),
+        new_tables=("scoped_settings", "check_modes"),
+        after=tuple(f"CREATE TRIGGER auth_bans_{op} AFTER {kind} ON auth_bans BEGIN {_BANS_BUMP}; END"
+                    for op, kind in (("ins", "INSERT"), ("upd", "UPDATE"), ("del", "DELETE")))),
 }
 
 
@@ -84,7 +142,7 @@ def schema_text() -> str:
     packaged = resources.files("mailbox_guard").joinpath("schema.sql")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    top = Path(__file__).resolve().parent.parent / "schema.sql"
+    top = Path(__file__).resolve().parents[2] / "schema.sql"
     try:
         return top.read_text(encoding="utf-8")
     except OSError as exc:
@@ -155,6 +213,10 @@ def initialise(path: Path | str, *, busy_timeout: float = 5.0) -> None:
             log.info("created store %s (schema version %d)", path, target)
         elif version == 0:
             raise StoreError(f"{path} is an SQLite file but not a mailbox-guard store")
+        # A table rebuilt by a migration is dropped and made again: with foreign keys
+        # on, dropping it would delete the rows that refer to it (SQLite's documented
+        # procedure: keys off, rebuild, check the keys, commit).
+        conn.execute("PRAGMA foreign_keys = OFF")
         while version < target:
             step = MIGRATIONS.get(version)
             if step is None:
@@ -162,6 +224,11 @@ def initialise(path: Path | str, *, busy_timeout: float = 5.0) -> None:
             conn.execute("BEGIN IMMEDIATE")
             for statement in step.script(text):
                 conn.execute(statement)
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"migration to schema version {version + 1} broke {len(broken)} "
+                                 "reference(s); the store is left at the old version")
             version += 1
             conn.execute(f"PRAGMA user_version = {version}")
             conn.execute("COMMIT")
@@ -441,7 +508,7 @@ def normalise_domain(name: str) -> str:
 def normalise_address(text: str) -> str:
     """A recipient as stored: local@domain, parsed as an SMTP path would be (no spaces,
     quotes, routes or literals), the domain normalised like a guarded domain."""
-    from .addresses import PathError, parse_path
+    from mailbox_guard.mail.addresses import PathError, parse_path
     raw = str(text).strip()
     try:
         path = parse_path(f"<{raw}>")
@@ -703,6 +770,38 @@ class PolicyStore:
     def settings(self) -> dict[str, str]:
         with self._tx() as conn:
             return {r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")}
+
+
+def policy_sections(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The policy as named sections of plain rows, for
+    :meth:`mailbox_guard.policy.snapshot.Policy.from_sections` (read in one
+    transaction, so that the sections belong to one version)."""
+    conn.execute("BEGIN")
+    try:
+        version = int(conn.execute("SELECT value FROM meta WHERE key='policy_version'").fetchone()[0])
+
+        def rows(sql: str) -> list[dict]:
+            cur = conn.execute(sql)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row)) for row in cur]
+        return {
+            "version": version,
+            "domains": rows("SELECT name, next_hop, anti_impersonation FROM domains"),
+            "recipients": [r[0] for r in conn.execute("SELECT address FROM recipients")],
+            "networks": [r[0] for r in conn.execute("SELECT cidr FROM networks")],
+            "settings": {r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")},
+            "legacy_mechanisms": rows("SELECT domain, mechanism FROM domain_mechanisms"),
+            "scoped_settings": rows("SELECT scope, key, value FROM scoped_settings"),
+            "check_modes": rows("SELECT check_name AS 'check', scope, mode FROM check_modes"),
+        }
+    finally:
+        conn.execute("COMMIT")
+
+
+def state_versions(conn: sqlite3.Connection) -> tuple[int, int]:
+    """(policy_version, bans_version): what the engine polls each second."""
+    values = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('policy_version', 'bans_version')"))
+    return int(values.get("policy_version", 0)), int(values.get("bans_version", 0))
 
 
 def ensure_home(home: Path) -> Path:

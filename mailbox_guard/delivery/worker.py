@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from .config import parse_hostport
-from .dns import DnsError, DnsTempError
-from .dsn import FailedRecipient, build_dsn, human_duration, message_id_of
-from .smtp_client import (Connection, Reply, SmtpClientError, Transaction,
+from mailbox_guard.config import parse_hostport
+from mailbox_guard.lookups.dns import DnsError, DnsTempError
+from mailbox_guard.mail.dsn import FailedRecipient, build_dsn, human_duration, message_id_of
+from mailbox_guard.delivery.client import (Connection, Reply, SmtpClientError, Transaction,
                           opportunistic_tls_context)
-from .queue import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
+from mailbox_guard.queue.ops import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
                     new_queue_id, next_due, recover_leases)
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .engine import Engine
+    from mailbox_guard.engine import Engine
 
 log = logging.getLogger("mailbox_guard.delivery")
 

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from .control import MAX_REQUEST, PROTOCOL_VERSION, SOCKET_NAME
+from mailbox_guard.control.server import MAX_REQUEST, PROTOCOL_VERSION, SOCKET_NAME
 
 
 class EngineNotRunning(Exception):

@@ -16,8 +16,8 @@ from typing import Any
 
 import tomli_w
 
-from .config import SETTINGS, SettingError, parse_setting
-from .store import (PolicyStore, normalise_address, normalise_domain, normalise_network,
+from mailbox_guard.config import SETTINGS, SettingError, parse_setting
+from mailbox_guard.store.db import (PolicyStore, normalise_address, normalise_domain, normalise_network,
                     normalise_next_hop, open_relay_networks)
 
 FORMAT = 1
@@ -229,7 +229,7 @@ def _parse_listeners(value: Any) -> dict[str, dict]:
 
 
 def _parse_users(value: Any) -> dict[str, dict]:
-    from .users import normalise_user
+    from mailbox_guard.auth.users import normalise_user
     users: dict[str, dict] = {}
     for u in _entries(value, "users", "name"):
         name, domain = normalise_user(u["name"])

@@ -19,11 +19,11 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from .users import (SCRAM_SALT_BYTES, Account, hash_password, load_account, scram_current, set_password_hash,
+from mailbox_guard.auth.users import (SCRAM_SALT_BYTES, Account, hash_password, load_account, scram_current, set_password_hash,
                     verify_password)
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .engine import Engine
+    from mailbox_guard.engine import Engine
 
 log = logging.getLogger("mailbox_guard.auth")
 

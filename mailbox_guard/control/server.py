@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from . import queue as q
+from mailbox_guard.queue import ops as q
 
 if TYPE_CHECKING:   # pragma: no cover
-    from .engine import Engine
+    from mailbox_guard.engine import Engine
 
 log = logging.getLogger("mailbox_guard.control")
 

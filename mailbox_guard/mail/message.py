@@ -1,0 +1,136 @@
+"""The message as received and as queued: its header section, the headers checks
+read, and the bytes that go into the queue (our ``Received:``, the header edits of
+the checks and the decision, applied once, the body untouched).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+from datetime import datetime
+from typing import Iterable, Sequence
+
+from mailbox_guard.model import HeaderRemoval, SessionFacts
+from mailbox_guard.text import printable
+
+HEADER_CAP = 256 * 1024
+
+
+def header_section(body: bytes) -> tuple[bytes, bool]:
+    """The header section as received, and whether an empty line ended it within
+    the cap (an unterminated or oversized one cannot be checked completely)."""
+    end = body.find(b"\r\n\r\n")
+    if 0 <= end <= HEADER_CAP:
+        return body[:end + 2], True
+    return body[:HEADER_CAP], False
+
+
+def parse_headers(section: bytes):
+    return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
+
+
+def message_id(headers) -> str | None:
+    value = headers.get("Message-ID") if headers is not None else None
+    if value is None:
+        return None
+    return printable("".join(str(value).split()), 250) or None     # unfolded
+
+
+_DATE_CACHE: list = [None, ""]
+
+
+def date_header_value(now: float) -> str:
+    """RFC 5322 date of ``now`` in local time, formatted once per second."""
+    second = int(now)
+    if _DATE_CACHE[0] != second:
+        _DATE_CACHE[:] = [second, email.utils.format_datetime(datetime.fromtimestamp(second).astimezone())]
+    return _DATE_CACHE[1]
+
+
+def received_header(facts: SessionFacts, recipients: Sequence[str], queue_id: str, now: float,
+                    hostname: str) -> bytes:
+    proto = "ESMTP" if facts.esmtp else "SMTP"
+    if facts.tls:
+        proto += "S"
+    if facts.auth_user:
+        proto += "A"
+    rcpt = f"\r\n\tfor <{printable(recipients[0])}>" if len(recipients) == 1 else ""
+    text = (f"Received: from {printable(facts.helo or 'unknown', 128)} "
+            f"([{facts.peer_ip}])\r\n\tby {hostname} (mailbox_guard) with {proto} "
+            f"id {queue_id}{rcpt};\r\n\t{date_header_value(now)}\r\n")
+    return text.encode("ascii", "replace")
+
+
+def header_line(name: str, value: str) -> bytes:
+    """One header field of ours: printable ASCII, folded before 998 octets."""
+    name = "".join(c for c in name if 33 <= ord(c) < 127 and c != ":")[:76]
+    words = printable(value, 4000).split(" ")
+    lines, line = [], f"{name}:"
+    for word in words:
+        if len(line) + 1 + len(word) > 76 and line.strip():
+            lines.append(line)
+            line = "\t" + word
+        else:
+            line += " " + word
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _fields(section: bytes) -> list[tuple[int, int, bytes]]:
+    """(start, end, lower-case name) of each field of a header section ending in CRLF."""
+    out: list[tuple[int, int, bytes]] = []
+    pos = 0
+    n = len(section)
+    while pos < n:
+        end = section.find(b"\r\n", pos)
+        end = n if end < 0 else end + 2
+        if section[pos:pos + 1] in (b" ", b"\t") and out:
+            start, _, name = out[-1]
+            out[-1] = (start, end, name)
+        else:
+            name = section[pos:end].partition(b":")[0].rstrip(b" \t").lower()
+            out.append((pos, end, name))
+        pos = end
+    return out
+
+
+def _unfolded_value(field: bytes) -> str:
+    value = field.partition(b":")[2]
+    return b" ".join(value.split()).decode("utf-8", "replace")
+
+
+def edit(body: bytes, *, prepend: bytes, add: Iterable[tuple[str, str]] = (),
+         remove: Iterable[HeaderRemoval] = (), subject_prefix: str = "") -> bytes:
+    """The bytes to queue: header fields added by checks (above), then ``prepend``
+    (our Received:), then the message with the fields ``remove`` names taken out and
+    the subject prefix applied. The body is never touched; a header section without
+    an end is left as it is."""
+    added = b"".join(header_line(n, v) for n, v in add)
+    remove = list(remove)
+    if not remove and not subject_prefix:
+        return added + prepend + body
+    section, complete = header_section(body)
+    if not complete:
+        return added + prepend + body
+    rest = body[len(section):]
+    kept: list[bytes] = []
+    prefixed = not subject_prefix
+    by_name = {}
+    for r in remove:
+        by_name.setdefault(r.name.lower().encode("ascii", "replace"), []).append(r.prefix.lower())
+    for start, end, name in _fields(section):
+        field = section[start:end]
+        prefixes = by_name.get(name)
+        if prefixes is not None:
+            value = _unfolded_value(field).lower()
+            if any(value.startswith(p) for p in prefixes):
+                continue
+        if not prefixed and name == b"subject":
+            head, colon, value = field.partition(b":")
+            value = value.lstrip(b" \t")
+            if not value.startswith(subject_prefix.encode("ascii")):
+                field = head + colon + b" " + subject_prefix.encode("ascii") + b" " + value
+            prefixed = True
+        kept.append(field)
+    return added + prepend + b"".join(kept) + rest

@@ -17,12 +17,12 @@ from typing import Callable
 from textual.app import App
 from textual.binding import Binding
 
-from mailbox_guard.feed import LiveFeed, LiveState
-from mailbox_guard.messages import FeedUpdate, LiveChanged, MessagesChanged
-from mailbox_guard.screens import (BansScreen, ConnectionsScreen, DashboardScreen, EventsScreen, HelpScreen,
+from .feed import LiveFeed, LiveState
+from .messages import FeedUpdate, LiveChanged, MessagesChanged
+from .screens import (BansScreen, ConnectionsScreen, DashboardScreen, EventsScreen, HelpScreen,
                       MessageDetailScreen, QuarantineScreen, QueueScreen)
-from mailbox_guard.screens.base import LiveScreen
-from mailbox_guard.source import EngineSource, Source
+from .screens.base import LiveScreen
+from .source import EngineSource, Source
 
 EVENT_BACKLOG = 2000
 

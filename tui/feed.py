@@ -18,8 +18,8 @@ from typing import Callable
 
 from textual.message_pump import MessagePump
 
-from mailbox_guard.messages import FeedUpdate
-from mailbox_guard.source import ControlCallError, EngineNotRunning, Source, StoreUnavailable
+from .messages import FeedUpdate
+from .source import ControlCallError, EngineNotRunning, Source, StoreUnavailable
 
 # Events that change what the lists show: poll right away rather than at the tick.
 PROMPT_TOPICS = frozenset({"connection", "message", "delivery"})

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from textual.message import Message
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.feed import LiveState
+    from .feed import LiveState
 
 
 class FeedUpdate(Message):

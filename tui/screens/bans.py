@@ -12,13 +12,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from mailbox_guard.feed import LiveState
-from mailbox_guard.format import clock_time, duration, plain, relative
-from mailbox_guard.source import ControlCallError, EngineNotRunning
-from mailbox_guard.widgets import BanTable
-from mailbox_guard.widgets.tables import ban_row_key
-from mailbox_guard.base import LiveScreen
-from mailbox_guard.confirm import ConfirmScreen
+from ..feed import LiveState
+from ..format import clock_time, duration, plain, relative
+from ..source import ControlCallError, EngineNotRunning
+from ..widgets import BanTable
+from ..widgets.tables import ban_row_key
+from .base import LiveScreen
+from .confirm import ConfirmScreen
 
 
 class BansScreen(LiveScreen):

@@ -9,12 +9,12 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from mailbox_guard.messages import LiveChanged
-from mailbox_guard.widgets import EngineBanner, ViewBar
+from ..messages import LiveChanged
+from ..widgets import EngineBanner, ViewBar
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.app import MailboxGuardApp
-    from mailbox_guard.feed import LiveState
+    from ..app import MailboxGuardApp
+    from ..feed import LiveState
 
 
 class LiveScreen(Screen):

@@ -10,12 +10,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
-from mailbox_guard.feed import LiveState
-from mailbox_guard.format import plain
-from mailbox_guard.source import ControlCallError, EngineNotRunning
-from mailbox_guard.widgets import ConnectionTable
-from mailbox_guard.base import LiveScreen
-from mailbox_guard.confirm import ConfirmScreen
+from ..feed import LiveState
+from ..format import plain
+from ..source import ControlCallError, EngineNotRunning
+from ..widgets import ConnectionTable
+from .base import LiveScreen
+from .confirm import ConfirmScreen
 
 
 class ConnectionsScreen(LiveScreen):

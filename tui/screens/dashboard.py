@@ -8,9 +8,9 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Static
 
-from mailbox_guard.feed import LiveState
-from mailbox_guard.widgets import QueueCounts, RateLine, TopList
-from mailbox_guard.base import LiveScreen
+from ..feed import LiveState
+from ..widgets import QueueCounts, RateLine, TopList
+from .base import LiveScreen
 
 RATES = ("accepted", "rejected", "deferred")
 

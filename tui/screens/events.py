@@ -7,9 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import RichLog
 
-from mailbox_guard.feed import LiveState
-from mailbox_guard.format import clock_time, plain, size
-from mailbox_guard.base import LiveScreen
+from ..feed import LiveState
+from ..format import clock_time, plain, size
+from .base import LiveScreen
 
 TOPIC_STYLES = {"connection": "cyan", "message": "green", "delivery": "blue", "reject": "red",
                 "engine": "magenta", "tui": "yellow"}

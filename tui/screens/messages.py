@@ -17,13 +17,13 @@ from textual.containers import VerticalScroll
 from textual.timer import Timer
 from textual.widgets import DataTable, Input, Label, Static
 
-from mailbox_guard.feed import LiveState
-from mailbox_guard.format import clock_time, plain, plain_block, relative, size
-from mailbox_guard.messages import MessagesChanged
-from mailbox_guard.source import KINDS, ControlCallError, EngineNotRunning, MessageKind, StoreUnavailable
-from mailbox_guard.widgets import FilterBar, MessageTable, VerdictTrace
-from mailbox_guard.base import LiveScreen
-from mailbox_guard.confirm import ConfirmScreen
+from ..feed import LiveState
+from ..format import clock_time, plain, plain_block, relative, size
+from ..messages import MessagesChanged
+from ..source import KINDS, ControlCallError, EngineNotRunning, MessageKind, StoreUnavailable
+from ..widgets import FilterBar, MessageTable, VerdictTrace
+from .base import LiveScreen
+from .confirm import ConfirmScreen
 
 LIST_LIMIT = 500
 VERBS = {"retry": "retried", "hold": "held", "release": "released", "delete": "deleted"}

@@ -3,7 +3,7 @@ the engine offers ``quarantine.*`` control methods the list is empty and says wh
 
 from __future__ import annotations
 
-from mailbox_guard.messages import MessageListScreen
+from .messages import MessageListScreen
 
 
 class QuarantineScreen(MessageListScreen):

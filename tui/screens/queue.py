@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailbox_guard.messages import MessageListScreen
+from .messages import MessageListScreen
 
 
 class QueueScreen(MessageListScreen):

@@ -9,10 +9,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from mailbox_guard.format import duration
+from ..format import duration
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.feed import LiveState
+    from ..feed import LiveState
 
 NOT_RUNNING = "engine not running — press r to retry"
 

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 from rich.text import Text
 from textual.widgets import DataTable
 
-from mailbox_guard.format import plain, relative, tls_label, duration
+from ..format import plain, relative, tls_label, duration
 
 Cells = list[Any]
 

@@ -7,7 +7,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from mailbox_guard.format import plain
+from ..format import plain
 
 
 class TopList(Static):

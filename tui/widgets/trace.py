@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from mailbox_guard.format import plain
+from ..format import plain
 
 ACTION_STYLES = {"reject": "bold red", "tempfail": "bold yellow", "quarantine": "bold magenta",
                  "accept": "green", "tag": "cyan"}

@@ -50,7 +50,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
 READ_ONLY_COMMANDS = frozenset({
     "status", "rejects", "domains list", "domains show", "recipients list", "networks list", "listeners list",
     "config show", "config get", "config export", "queue list", "queue show", "queue summary",
-    "messages why", "users list", "auth bans", "tls show"})
+    "messages why", "users list", "auth bans", "tls show", "policy test"})
 
 
 def _command() -> str:

@@ -90,7 +90,7 @@ class EngineLockedError(StoreError):
 
 class Engine:
     def __init__(self, home: Path, *, listeners: list[ListenerSpec] | None = None,
-                 metrics: tuple[str, int] | None = None) -> None:
+                 metrics: tuple[str, int] | None = None, checks: list | None = None) -> None:
         self.home = Path(home)
         self.metrics_at = metrics
         self.metrics = None
@@ -101,7 +101,8 @@ class Engine:
         self.table = ConnectionTable(on_open=self._session_opened, on_close=self._session_closed)
         self.servers: list[tuple[ListenerSpec, asyncio.AbstractServer]] = []
         self.bound: list[dict[str, Any]] = []
-        self.pipeline = Pipeline(default_checks())
+        # The checks in their order (tests pass their own list; the order is policy).
+        self.pipeline = Pipeline(checks if checks is not None else default_checks())
         self.dns: DnsCache | None = None
         self.tls: TlsManager | None = None
         self.gssapi = None

@@ -6,9 +6,10 @@ Pure functions over results, a policy scope and the check modes; no I/O.
   the first enforced REJECT or TEMPFAIL result wins (relay control is the first
   check of RCPT, and nothing skips it).
 * **Scores** of the enforced results are added up over every phase; the sum maps
-  through the recipient's thresholds (``actions.tempfail``, ``actions.tag``,
-  ``actions.quarantine``, ``actions.reject``) to one action: the one with the highest
-  threshold the score reaches (as rspamd's actions).
+  through the recipient's thresholds to one action: the first one the score reaches
+  of ``actions.reject``, ``actions.quarantine``, ``actions.tag``, ``actions.tempfail``
+  (rspamd's reject, add_header and greylist: with the defaults a score of 4 to 6 is
+  greylisted when ``actions.tempfail`` is 4, and from 6 it is tagged instead).
 * A result may ask for an action itself (TAG, QUARANTINE, DISCARD, TEMPFAIL,
   REJECT); the most severe of those and the score's action wins. An **exempt**
   recipient (an ALLOW result: postmaster@, later a whitelist) skips scores and
@@ -27,8 +28,9 @@ from mailbox_guard.model import REFUSALS, SEVERITY, Action, HeaderRemoval, Mode,
 
 ModeOf = Callable[[str], Mode]
 
-THRESHOLDS = (("actions.tempfail", Action.TEMPFAIL), ("actions.tag", Action.TAG),
-              ("actions.quarantine", Action.QUARANTINE), ("actions.reject", Action.REJECT))
+# In the order they are tried: the first threshold the score reaches gives the action.
+THRESHOLDS = (("actions.reject", Action.REJECT), ("actions.quarantine", Action.QUARANTINE),
+              ("actions.tag", Action.TAG), ("actions.tempfail", Action.TEMPFAIL))
 ASKED = frozenset({Action.TAG, Action.QUARANTINE, Action.DISCARD, Action.TEMPFAIL, Action.REJECT})
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Symbols")
 
@@ -59,13 +61,12 @@ def score_of(results: Iterable[Result], mode_of: ModeOf) -> float:
 
 
 def by_score(score: float, scope) -> Action | None:
-    """The action whose threshold is the highest one the score reaches."""
-    best: tuple[float, Action] | None = None
+    """The first action (reject, quarantine, tag, tempfail) whose threshold the score reaches."""
     for key, action in THRESHOLDS:
         limit = scope[key]
-        if limit is not None and score >= limit and (best is None or limit >= best[0]):
-            best = (limit, action)
-    return best[1] if best else None
+        if limit is not None and score >= limit:
+            return action
+    return None
 
 
 def thresholds_text(scope) -> str:

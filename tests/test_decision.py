@@ -474,3 +474,32 @@ def test_policy_test_gives_the_stored_trace_of_a_real_session(g, name, plan, rcp
     simulated = [(v.phase, v.subject, v.check, v.symbol, v.action, v.detail) for v in report.trace]
     assert _comparable(simulated) == _comparable(real)
     assert report.final is not None or not any(r == "r@example.test" for r in rcpts[:1])
+
+
+def test_the_policy_test_command_shows_phases_and_outcomes_and_stores_nothing(tmp_path):
+    import json
+    from tests.conftest import new_gateway
+    gw = new_gateway(tmp_path / "home")
+    gw.cli("domains", "add", "example.org")
+    gw.cli("config", "set", "actions.reject", "15")
+    before = gw.query("SELECT count(*) AS n FROM messages")[0]["n"], gw.query("SELECT count(*) AS n FROM verdicts")[0]["n"]
+    eml = tmp_path / "m.eml"
+    eml.write_bytes(b"From: <a@example.net>\nSubject: hi\n\nhello\n")
+    out = gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "mx.example.net", "--from", "a@example.net",
+                 "--to", "bob@example.org", "--to", "eve@elsewhere.test", str(eml), "--json")
+    report = json.loads(out.stdout)
+    assert [s["reply"][:3] for s in report["steps"]] == ["220", "250", "250", "250", "554", "250"]
+    assert ("rcpt", "eve@elsewhere.test", "rcpt_relay", "RELAY_DENIED") in \
+        [(r["phase"], r["subject"], r["check"], r["symbol"]) for r in report["results"]]
+    assert [(o["recipient"], o["outcome"], o["level"]) for o in report["recipients"]] == \
+        [("bob@example.org", "accept", "server")]
+    after = gw.query("SELECT count(*) AS n FROM messages")[0]["n"], gw.query("SELECT count(*) AS n FROM verdicts")[0]["n"]
+    assert after == before
+    text = gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "h", "--from", "a@example.net",
+                  "--to", "bob@example.org").stdout
+    assert "rcpt_relay/RELAY_GUARDED_DOMAIN" in text and "bob@example.org: accept" in text
+    bad = gw.cli("policy", "test", "--ip", "not-an-ip", "--helo", "h", "--from", "a@x", "--to", "b@y", check=False)
+    assert bad.returncode != 0 and "not an IP address" in bad.stderr
+    nouser = gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "h", "--from", "a@x", "--to", "b@y",
+                    "--auth", "ghost@example.org", check=False)
+    assert nouser.returncode == 1 and "no such user" in nouser.stderr

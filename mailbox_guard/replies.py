@@ -40,3 +40,18 @@ S421_AUTH_FAILURES = "421 4.7.0 {hostname} Error: too many failed authentication
 S554_RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
 S550_SPAM = "550 5.7.1 Error: message rejected as spam"
 S451_TRY_LATER = "451 4.7.1 Error: please try again later"
+
+# The protocol's own replies (commands, STARTTLS, DATA).
+S220_READY_FOR_TLS = "220 2.0.0 Ready to start TLS"
+S354_END_DATA = "354 End data with <CR><LF>.<CR><LF>"
+S454_TLS_UNAVAILABLE = "454 4.7.0 TLS not available"
+S500_BAD_SYNTAX = "500 5.5.2 Error: bad syntax"
+S500_UNKNOWN_COMMAND = '500 5.5.1 Error: command "{command}" not recognized'
+S501_STARTTLS_SYNTAX = "501 5.5.4 Syntax: STARTTLS"
+S501_AUTH_SYNTAX = "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
+S501_DATA_SYNTAX = "501 5.5.4 Syntax: DATA"
+S503_NEED_RCPT = "503 5.5.1 Error: need RCPT command"
+S530_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+S554_TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
+S554_NEEDS_SECURITY = "554 5.7.0 Command refused due to lack of security"
+S554_NO_RECIPIENTS = "554 5.5.1 Error: no valid recipients"

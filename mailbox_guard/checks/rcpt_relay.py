@@ -9,6 +9,7 @@ source routes, quoted local parts hiding ``@ % !``, trailing dots and address li
 from __future__ import annotations
 
 from mailbox_guard import replies
+from mailbox_guard.text import printable
 from mailbox_guard.model import Action, Context, Mode, Phase, Result
 
 NAME = "rcpt_relay"
@@ -64,5 +65,4 @@ class RelayControl:
 
 def _safe(text: str) -> str:
     """Echo an address back without anything that could break the reply line."""
-    text = text.strip("<>")
-    return "".join(c if 32 < ord(c) < 127 else "?" for c in text)[:256]
+    return printable(text.strip("<>"), 256, spaces=False)

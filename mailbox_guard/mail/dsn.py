@@ -25,6 +25,7 @@ from email.message import EmailMessage, Message, MIMEPart
 from email.parser import BytesHeaderParser
 from email.policy import SMTP, compat32
 from email.utils import format_datetime, make_msgid
+from mailbox_guard.text import printable
 
 __all__ = ["FailedRecipient", "build_dsn", "human_duration", "message_id_of"]
 
@@ -61,8 +62,7 @@ class FailedRecipient:
 def _clean(text: object, limit: int = _MAX_FIELD) -> str:
     """One line of printable ASCII: control/whitespace runs become one space,
     other non-ASCII becomes '?', and the result is capped at ``limit``."""
-    text = _WS_CTRL_RE.sub(" ", str(text)).strip()
-    text = text.encode("ascii", "replace").decode("ascii")
+    text = printable(_WS_CTRL_RE.sub(" ", str(text)).strip(), limit + 1)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from mailbox_guard import replies
 from mailbox_guard.checks import default_checks
 from mailbox_guard.mail.addresses import PathError, parse_path
 from mailbox_guard.model import SessionFacts, Verdict
@@ -75,26 +76,26 @@ async def run(w: WhatIf, policy: Any, checks: Sequence | None = None) -> Report:
         done = not step(f"{'EHLO' if w.esmtp else 'HELO'} {w.helo}", reply, "250 (hello)")
     if not done and w.auth_user:
         session.authenticated(w.auth_user, w.auth_addresses, "(what-if)")
-        step(f"AUTH ({w.auth_user})", None, "235 2.7.0 Authentication successful")
+        step(f"AUTH ({w.auth_user})", None, replies.S235_AUTH_OK)
     accepted = 0
     if not done:
         try:
             sender = parse_path(f"<{w.mail_from}>")
-        except PathError as exc:
-            step(f"MAIL FROM:<{w.mail_from}>", f"501 5.1.3 {exc}", "")
+        except PathError:
+            step(f"MAIL FROM:<{w.mail_from}>", replies.S501_BAD_ADDRESS, "")
             done = True
         else:
             reply = await session.mail(sender, [])
-            done = not step(f"MAIL FROM:<{w.mail_from}>", reply, "250 2.1.0 Sender OK")
+            done = not step(f"MAIL FROM:<{w.mail_from}>", reply, replies.S250_SENDER_OK)
     if not done:
         for rcpt in w.recipients:
             try:
                 path = parse_path(f"<{rcpt}>")
-            except PathError as exc:
-                step(f"RCPT TO:<{rcpt}>", f"501 5.1.3 {exc}", "")
+            except PathError:
+                step(f"RCPT TO:<{rcpt}>", replies.S501_BAD_ADDRESS, "")
                 continue
             reply, _ = await session.rcpt(path, [])
-            if step(f"RCPT TO:<{rcpt}>", reply, "250 2.1.5 Recipient OK"):
+            if step(f"RCPT TO:<{rcpt}>", reply, replies.S250_RECIPIENT_OK):
                 accepted += 1
     if not done and accepted:
         result = await session.data(w.message if w.message is not None else default_message(w))
@@ -107,7 +108,7 @@ async def run(w: WhatIf, policy: Any, checks: Sequence | None = None) -> Report:
         for m in result.messages:
             report.trace.extend(m.verdicts)
     elif not done:
-        step("DATA", "554 5.5.1 Error: no valid recipients", "")
+        step("DATA", replies.S554_NO_RECIPIENTS, "")
     session.close()
     report.trace.extend(session.conn_trace)
     # Messages of several groups each carry the transaction's rows: once each here.

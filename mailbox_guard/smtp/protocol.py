@@ -141,15 +141,15 @@ class GuardSMTP(SaslMechanisms, SMTP):
         by hand, which never reports a connection lost during the handshake: every
         failed or abandoned handshake left a session behind for good)."""
         if arg:
-            await self.push("501 5.5.4 Syntax: STARTTLS")
+            await self.push(replies.S501_STARTTLS_SYNTAX)
             return
         if self._tls_protocol is not None:
-            await self.push("554 5.5.1 Error: TLS already active")
+            await self.push(replies.S554_TLS_ACTIVE)
             return
         if not self.tls_context:
-            await self.push("454 4.7.0 TLS not available")
+            await self.push(replies.S454_TLS_UNAVAILABLE)
             return
-        await self.push("220 2.0.0 Ready to start TLS")
+        await self.push(replies.S220_READY_FOR_TLS)
         raw = self.transport
         # RFC 3207 4.2: what the client pipelined in plain text behind STARTTLS is
         # discarded, never run after the handshake.
@@ -198,7 +198,7 @@ class GuardSMTP(SaslMechanisms, SMTP):
         # aiosmtpd splits the argument on Unicode whitespace and fails on what is
         # left (an IndexError for "AUTH \x85"): refuse anything but printable ASCII.
         if arg is not None and not _AUTH_ARG.fullmatch(arg):
-            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            await self.push(replies.S501_AUTH_SYNTAX)
             return
         await super().smtp_AUTH(arg)
 
@@ -376,10 +376,10 @@ class GuardSMTP(SaslMechanisms, SMTP):
                     arg = arg_bytes.strip().decode("utf-8" if self.enable_SMTPUTF8 else "ascii",
                                                    "surrogateescape" if self.enable_SMTPUTF8 else "strict") or None
                 except UnicodeDecodeError:
-                    await self.push("500 5.5.2 Error: bad syntax")
+                    await self.push(replies.S500_BAD_SYNTAX)
                     continue
                 if not command:
-                    await self.push("500 5.5.2 Error: bad syntax")
+                    await self.push(replies.S500_BAD_SYNTAX)
                     continue
                 limit = (self.command_size_limits[command] if self.session.extended_smtp
                          else self.command_size_limit)
@@ -387,18 +387,18 @@ class GuardSMTP(SaslMechanisms, SMTP):
                     await self.push(replies.S500_LINE_TOO_LONG)
                     continue
                 if not self._tls_handshake_okay and command != "QUIT":
-                    await self.push("554 5.7.0 Command refused due to lack of security")
+                    await self.push(replies.S554_NEEDS_SECURITY)
                     continue
                 if (self.require_starttls and not self._tls_protocol
                         and command not in ("NOOP", "EHLO", "STARTTLS", "QUIT")):
-                    await self.push("530 5.7.0 Must issue a STARTTLS command first")
+                    await self.push(replies.S530_STARTTLS_FIRST)
                     continue
                 if self.connect_task is not None and self.connect_task.done() and await self._refused_at_connect():
                     return
                 method = self._smtp_methods.get(command)
                 if method is None:
                     # Counted like any other error reply (hard limit: 421).
-                    await self.push(f'500 5.5.1 Error: command "{printable(command, 32)}" not recognized')
+                    await self.push(replies.S500_UNKNOWN_COMMAND.format(command=printable(command, 32)))
                     continue
                 self._reset_timeout()
                 self.phase = command.lower()
@@ -428,12 +428,12 @@ class GuardSMTP(SaslMechanisms, SMTP):
         if await self.check_auth_needed("DATA"):
             return
         if not self.envelope.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
+            await self.push(replies.S503_NEED_RCPT)
             return
         if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
+            await self.push(replies.S501_DATA_SYNTAX)
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        await self.push(replies.S354_END_DATA)
         self.phase = "data"
         outcome, body = await self._read_data()
         if outcome is not None:

@@ -503,3 +503,22 @@ def test_the_policy_test_command_shows_phases_and_outcomes_and_stores_nothing(tm
     nouser = gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "h", "--from", "a@x", "--to", "b@y",
                     "--auth", "ghost@example.org", check=False)
     assert nouser.returncode == 1 and "no such user" in nouser.stderr
+
+
+def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
+    import ssl
+    t = time.time()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP("127.0.0.1", g.port, timeout=20) as s:
+        s.ehlo("replay.sender.test")
+        s.starttls(context=context)
+        s.ehlo("replay.sender.test")
+        s.sendmail("s@sender.test", ["r@example.test"], MESSAGE)
+    queue_id = g.messages_since(t)[0]
+    helo, tls, listener = g.rows("SELECT helo, tls, listener FROM messages WHERE id = ?", (queue_id,))[0]
+    assert (helo, listener) == ("replay.sender.test", "inbound") and tls.startswith("TLSv1.")
+    conn_id = g.last_connection(t)
+    version, cipher = g.rows("SELECT tls_version, tls_cipher FROM connections WHERE id = ?", (conn_id,))[0]
+    assert version.startswith("TLSv1.") and cipher and tls == f"{version} {cipher}"

@@ -522,3 +522,13 @@ def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
     conn_id = g.last_connection(t)
     version, cipher = g.rows("SELECT tls_version, tls_cipher FROM connections WHERE id = ?", (conn_id,))[0]
     assert version.startswith("TLSv1.") and cipher and tls == f"{version} {cipher}"
+
+
+def test_a_repeated_ehlo_replaces_its_findings_and_scores_are_not_added_twice(g):
+    g.plan.update(helo=[("TEST_H", Action.NONE, 4.0)])
+    with smtplib.SMTP("127.0.0.1", g.port, timeout=20) as s:
+        s.ehlo("one.sender.test")
+        s.ehlo("two.sender.test")
+        s.sendmail("s@sender.test", ["r@example.test"], MESSAGE)
+    head = g.sink.wait_for(1)[0].data.split(b"\r\n\r\n")[0]
+    assert b"X-Spam-Flag" not in head                       # 4, not 8: under the tag threshold (6)

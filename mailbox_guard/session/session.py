@@ -95,9 +95,11 @@ class Session:
         self.pipeline = deps.pipeline
         self.tx = TransactionFacts()
         self.tx_policy = None
-        self.session_results: list[Result] = []
+        self.connect_results: list[Result] = []
+        self.helo_results: list[Result] = []            # of the last HELO/EHLO only
         self.tx_results: list[Result] = []
-        self.delayed: list[tuple[str, Result]] = []      # (phase, refusal) of CONNECT/HELO
+        self.connect_delayed: list[tuple[str, Result]] = []   # (phase, refusal) waiting for RCPT
+        self.helo_delayed: list[tuple[str, Result]] = []
         self.tx_delayed: list[tuple[str, Result]] = []   # of MAIL
         self.recipients: list[Recipient] = []
         self.conn_trace: list[Verdict] = []
@@ -107,6 +109,22 @@ class Session:
         self.messages = 0
         self.rejected = 0
         self.refused_at_connect: str | None = None
+
+    @property
+    def session_results(self) -> list[Result]:
+        return self.connect_results + self.helo_results
+
+    @property
+    def delayed(self) -> list[tuple[str, Result]]:
+        return self.connect_delayed + self.helo_delayed
+
+    def _delayable(self, phase: str, results: Sequence[Result], delay: bool) -> list[tuple[str, Result]]:
+        """The refusals of non-gate checks that wait for RCPT (whatever their mode at
+        the server: a recipient's own level may enforce them)."""
+        if not delay:
+            return []
+        gates = self.pipeline.gates
+        return [(phase, r) for r in results if r.action in REFUSALS and r.check not in gates]
 
     # ----------------------------------------------------------- the trace
     def seq(self) -> int:
@@ -206,13 +224,11 @@ class Session:
         scope, mode_of = self._server_modes(policy)
         results = await self.pipeline.run(self._ctx(Phase.CONNECT, policy, self.facts.peer_ip, scope=scope),
                                           runs=self._runs(policy), stop=self._stop(mode_of))
-        self.session_results.extend(results)
+        self.connect_results = results
         delay = policy.settings["smtp.delay_reject"]
         now, later = self._found(Phase.CONNECT, results, mode_of, delay)
         self._trace(self.conn_trace, Phase.CONNECT, self.facts.peer_ip, results, mode_of, delayed=later)
-        if later:
-            self.delayed.extend(("connect", r) for r in results
-                                if r.action in REFUSALS and r.check not in self.pipeline.gates)
+        self.connect_delayed = self._delayable("connect", results, delay)
         if now is not None:
             reply = decide.reply_for(now)
             self.refused_at_connect = reply
@@ -226,14 +242,14 @@ class Session:
         policy = self.deps.policy()
         scope, mode_of = self._server_modes(policy)
         results = await self.pipeline.run(
-            self._ctx(Phase.HELO, policy, self.facts.helo, results=self.session_results, scope=scope),
+            self._ctx(Phase.HELO, policy, self.facts.helo, results=self.connect_results, scope=scope),
             runs=self._runs(policy), stop=self._stop(mode_of))
-        self.session_results.extend(results)
-        now, later = self._found(Phase.HELO, results, mode_of, policy.settings["smtp.delay_reject"])
+        # A repeated HELO replaces what the last one found (its scores are not added twice).
+        self.helo_results = results
+        delay = policy.settings["smtp.delay_reject"]
+        now, later = self._found(Phase.HELO, results, mode_of, delay)
         self._trace(self.conn_trace, Phase.HELO, self.facts.helo, results, mode_of, delayed=later)
-        if later:
-            self.delayed.extend(("helo", r) for r in results
-                                if r.action in REFUSALS and r.check not in self.pipeline.gates)
+        self.helo_delayed = self._delayable("helo", results, delay)
         if now is not None:
             reply = decide.reply_for(now)
             self._refused(Phase.HELO, self.facts.helo, now, reply)
@@ -251,9 +267,8 @@ class Session:
         self.end_transaction()
         self.facts.helo = None
         self.facts.esmtp = False
-        self.delayed = [(p, r) for p, r in self.delayed if p == "connect"]
-        helo_checks = {c.name for c in self.pipeline.checks_for(Phase.HELO)}
-        self.session_results = [r for r in self.session_results if r.check not in helo_checks]
+        self.helo_results = []
+        self.helo_delayed = []
 
     def authenticated(self, user: str, addresses: frozenset[str], mechanism: str) -> None:
         self.facts.auth_user = user
@@ -289,9 +304,7 @@ class Session:
             self.end_transaction()
             return reply
         self.tx_results = results
-        if later:
-            self.tx_delayed = [("mail", r) for r in results
-                               if r.action in REFUSALS and r.check not in self.pipeline.gates]
+        self.tx_delayed = self._delayable("mail", results, policy.settings["smtp.delay_reject"])
         return None
 
     async def rcpt(self, path, options: list[str]) -> tuple[str | None, str]:

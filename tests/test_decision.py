@@ -532,3 +532,13 @@ def test_a_repeated_ehlo_replaces_its_findings_and_scores_are_not_added_twice(g)
         s.sendmail("s@sender.test", ["r@example.test"], MESSAGE)
     head = g.sink.wait_for(1)[0].data.split(b"\r\n\r\n")[0]
     assert b"X-Spam-Flag" not in head                       # 4, not 8: under the tag threshold (6)
+
+
+def test_a_discarded_message_is_accepted_recorded_and_not_queued(g):
+    g.plan.update(data=[("TEST_DISCARD", Action.DISCARD)])
+    t = time.time()
+    _, _, data = send(g, ["r@example.test"])
+    assert data[0] == 250
+    assert g.messages_since(t) == []
+    trace = g.connection_trace(g.last_connection(t))
+    assert ("queue", "r@example.test", "decide", "OUTCOME_DISCARD", "discard") in [r[:5] for r in trace]

@@ -1,5 +1,6 @@
 """Users of the gateway: argon2id password hashes, aliases, the password strength
-policy (server and domain level) and brute-force bans.
+policy (server and domain level); listing and lifting brute-force bans (their
+statements are in :mod:`mailbox_guard.auth.bans`).
 
 Hashes use argon2id with at least OWASP's parameters (19 MiB, 2 iterations); a hash
 made with older parameters is replaced at the next successful login. Verification is
@@ -24,6 +25,7 @@ from importlib import resources
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from mailbox_guard.auth import bans
 from mailbox_guard.config import SettingError
 from mailbox_guard.store.db import PolicyStore, normalise_domain
 
@@ -264,14 +266,11 @@ class UserStore:
 
     def bans(self) -> list[dict]:
         with self.store._tx() as conn:
-            return [dict(r) for r in conn.execute(
-                "SELECT kind, key, until, failures, created_at FROM auth_bans WHERE until > ? "
-                "ORDER BY until DESC", (time.time(),))]
+            return bans.active(conn, time.time())
 
     def unban(self, key: str) -> bool:
         with self.store._tx() as conn:
-            return conn.execute("DELETE FROM auth_bans WHERE key = ? COLLATE NOCASE",
-                                (key.strip(),)).rowcount > 0
+            return bans.remove(conn, key)
 
     @staticmethod
     def _exists(conn: sqlite3.Connection, name: str) -> None:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from mailbox_guard.auth import bans
 from mailbox_guard.queue import ops as q
 
 if TYPE_CHECKING:   # pragma: no cover
@@ -61,6 +62,12 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 
 
 class ControlServer:
+    """The engine's operator API on the control socket. Unlike the other parts it
+    keeps the :class:`~mailbox_guard.engine.Engine` itself: its methods are requests
+    to the running engine (``status``, ``live_connections``, ``kill_connection``,
+    ``reload_policy``, the delivery loop's wake-up) besides the store's readers and
+    writer, the events and the stats."""
+
     def __init__(self, engine: "Engine", path: Path) -> None:
         self.engine = engine
         self.path = path
@@ -326,16 +333,11 @@ class ControlServer:
 
     async def _bans(self, params: dict) -> list[dict]:
         now = time.time()
-        return await self.engine.readers.run(lambda c: [
-            dict(zip(("kind", "key", "until", "failures", "created_at"), r)) for r in c.execute(
-                "SELECT kind, key, until, failures, created_at FROM auth_bans WHERE until > ? "
-                "ORDER BY until DESC", (now,))])
+        return await self.engine.readers.run(lambda c: bans.active(c, now))
 
     async def _unban(self, params: dict) -> dict:
         key = self._id(params)
-        removed = await self.engine.writer.run(
-            lambda c: c.execute("DELETE FROM auth_bans WHERE key = ? COLLATE NOCASE", (key.strip(),)).rowcount)
-        if not removed:
+        if not await self.engine.writer.run(lambda c: bans.remove(c, key)):
             raise ControlError("not_found", f"no ban for {key}")
         await self.engine.reload_policy()
         return {"unbanned": key}

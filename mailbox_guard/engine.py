@@ -119,7 +119,7 @@ class Engine:
         self.events = EventBus()
         self.stats = Stats()
         self.control: ControlServer | None = None
-        self.auth = AuthService(self)
+        self.auth: AuthService | None = None          # made at start, with the store
         self.session_deps = Deps(pipeline=self.pipeline, policy=lambda: self.policy,
                                  new_queue_id=q.new_queue_id, commit=self.commit_messages,
                                  dns=lambda: self.dns, observer=_Observer(self.stats, self.events))
@@ -155,6 +155,8 @@ class Engine:
         self.policy = await self.readers.run(load_policy)
         settings = self.policy.settings
         self.writer = Writer(self.db_path, busy_timeout=settings["store.busy_timeout"]).start()
+        self.auth = AuthService(policy=lambda: self.policy, readers=self.readers, writer=self.writer,
+                                home=self.home)
         self.bans_version = (await self.readers.run(state_versions))[1]
         await self.auth.load_bans()
         await self.auth.load_known()
@@ -183,7 +185,9 @@ class Engine:
             raise StoreError(f"cannot open the control socket {self.control.path}: {exc.strerror or exc}") from None
         if self.metrics_at is not None:
             from mailbox_guard.control.metrics import MetricsServer
-            self.metrics = MetricsServer(self, *self.metrics_at)
+            self.metrics = MetricsServer(*self.metrics_at, stats=self.stats, readers=self.readers,
+                                         connections=lambda: len(self.sessions),
+                                         connections_total=lambda: self.counters["connections"])
             try:
                 await self.metrics.start()
             except OSError as exc:
@@ -191,7 +195,9 @@ class Engine:
                 await self.control.close()
                 raise StoreError(f"cannot serve metrics on {self.metrics_at[0]}:{self.metrics_at[1]}: "
                                  f"{exc.strerror or exc}") from None
-        self.delivery = Delivery(self)
+        self.delivery = Delivery(policy=lambda: self.policy, dns=lambda: self.dns, readers=self.readers,
+                                 writer=self.writer, stats=self.stats, events=self.events,
+                                 listening=lambda: self.bound)
         self._bg = [asyncio.ensure_future(self.delivery.run()),
                     asyncio.ensure_future(self._watch_policy()),
                     asyncio.ensure_future(self._housekeeping())]

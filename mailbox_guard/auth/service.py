@@ -17,13 +17,16 @@ import ipaddress
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from mailbox_guard.auth.users import (SCRAM_SALT_BYTES, Account, hash_password, load_account, scram_current, set_password_hash,
-                    verify_password)
+from mailbox_guard.auth import bans as stored_bans
+from mailbox_guard.auth.users import (SCRAM_SALT_BYTES, Account, hash_password, load_account, scram_current,
+                                      set_password_hash, verify_password)
+from mailbox_guard.text import printable
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.engine import Engine
+    from mailbox_guard.store.db import Readers, Writer
 
 log = logging.getLogger("mailbox_guard.auth")
 
@@ -37,10 +40,6 @@ def normalise_login(text: str) -> str | None:
     if not login or len(login) > MAX_LOGIN or any(c.isspace() or not c.isprintable() for c in login):
         return None
     return login
-
-
-def printable(text: str, limit: int = 128) -> str:
-    return "".join(c if c.isprintable() and not c.isspace() or c == " " else "?" for c in text)[:limit]
 
 
 def _salt_key(path) -> bytes:
@@ -84,8 +83,11 @@ class AuthService:
     makes clients on networks it never succeeded from wait before each try (Dovecot's
     auth penalty), while its owner's networks log in as usual."""
 
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+    def __init__(self, *, policy: Callable[[], Any], readers: "Readers", writer: "Writer", home: Path) -> None:
+        self.policy = policy            # the current policy snapshot (auth.* settings)
+        self.readers = readers
+        self.writer = writer
+        self.home = home                # keeps the key of the dummy SCRAM salts
         self.failures: dict[tuple[str, str], collections.deque[float]] = {}
         self.bans: dict[str, float] = {}             # address or network -> until
         self.known: dict[str, dict[str, float]] = {}  # login -> network -> last success
@@ -96,12 +98,10 @@ class AuthService:
 
     async def load_bans(self) -> None:
         now = time.time()
-        rows = await self.engine.readers.run(lambda c: c.execute(
-            "SELECT key, until FROM auth_bans WHERE kind = 'ip' AND until > ?", (now,)).fetchall())
-        self.bans = {r[0].lower(): r[1] for r in rows}
+        self.bans = await self.readers.run(lambda c: stored_bans.address_bans(c, now))
 
     async def load_known(self) -> None:
-        rows = await self.engine.readers.run(lambda c: c.execute(
+        rows = await self.readers.run(lambda c: c.execute(
             "SELECT login, network, last_seen FROM auth_known WHERE last_seen > ?",
             (time.time() - KNOWN_FOR,)).fetchall())
         self.known = {}
@@ -121,7 +121,7 @@ class AuthService:
         """Before a try: wait out the penalty of a login under attack when this
         client's network is not one it succeeded from; then True if the client is
         banned (it fails like a wrong password, after the same wait)."""
-        settings = self.engine.policy.settings
+        settings = self.policy().settings
         after = settings["auth.penalty_after"]
         if after and login is not None:
             recent = self._recent(("login", login), settings["auth.ban_window"])
@@ -141,13 +141,13 @@ class AuthService:
         """The account a (normalised) login names, if it may log in at all."""
         if login is None:
             return None
-        account = await self.engine.readers.run(lambda c: load_account(c, login))
+        account = await self.readers.run(lambda c: load_account(c, login))
         return account if account is not None and not account.disabled else None
 
     def dummy_salt(self, login: str) -> bytes:
         """As long as a real account's salt, and the same for the same login."""
         if self._salt_key is None:
-            self._salt_key = _salt_key(self.engine.home / "scram-salt.key")
+            self._salt_key = _salt_key(self.home / "scram-salt.key")
         return hmac.new(self._salt_key, login.encode(), hashlib.sha256).digest()[:SCRAM_SALT_BYTES]
 
     async def succeeded(self, ip: str, login: str) -> None:
@@ -160,18 +160,18 @@ class AuthService:
             return
         seen[network] = now
         try:
-            await self.engine.writer.run(lambda c: c.execute(
+            await self.writer.run(lambda c: c.execute(
                 "INSERT INTO auth_known (login, network, last_seen) VALUES (?, ?, ?) "
                 "ON CONFLICT(login, network) DO UPDATE SET last_seen = excluded.last_seen",
                 (login, network, now)))
         except Exception as exc:      # still known in memory for this run
-            log.error("could not store a known network of %s: %s", printable(login), exc)
+            log.error("could not store a known network of %s: %s", printable(login, 128), exc)
 
     async def failed(self, ip: str, login: str | None) -> None:
         """Count a failure. A success forgets nothing: failures age out of their window
         (clearing them would let one owned account reset the count for guesses on
         others)."""
-        settings = self.engine.policy.settings
+        settings = self.policy().settings
         now = time.time()
         window = settings["auth.ban_window"]
         if login is not None:
@@ -187,15 +187,13 @@ class AuthService:
                 until = now + settings["auth.ban_time"]
                 self.bans[key] = until
                 q.clear()
-                log.warning("auth: %s banned until %s after %d failures", printable(key),
+                log.warning("auth: %s banned until %s after %d failures", printable(key, 128),
                             time.strftime("%H:%M:%S", time.localtime(until)), limit)
                 try:
-                    await self.engine.writer.run(lambda c, key=key, until=until, n=limit: c.execute(
-                        "INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', ?, ?, ?, ?) "
-                        "ON CONFLICT(kind, key) DO UPDATE SET until = excluded.until, "
-                        "failures = excluded.failures", (key, until, n, now)))
+                    await self.writer.run(lambda c, key=key, until=until, n=limit:
+                                          stored_bans.record(c, key, until, n, now))
                 except Exception as exc:      # the ban still holds in memory
-                    log.error("could not store the ban of %s: %s", printable(key), exc)
+                    log.error("could not store the ban of %s: %s", printable(key, 128), exc)
         if len(self.failures) > 100000:       # bounded: forget the oldest counters
             for k in list(self.failures)[:50000]:
                 del self.failures[k]
@@ -219,5 +217,5 @@ class AuthService:
         would tell it from the answers for unknown logins): made again from the
         password just verified."""
         new_hash = await asyncio.to_thread(hash_password, password)
-        await self.engine.writer.run(lambda c: set_password_hash(c, account.name, new_hash, password))
+        await self.writer.run(lambda c: set_password_hash(c, account.name, new_hash, password))
         log.info("password hash of %s upgraded to the current parameters (and its SCRAM keys)", account.name)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from mailbox_guard.queue import ops as q
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.engine import Engine
+    from mailbox_guard.events import Stats
+    from mailbox_guard.store.db import Readers
 
 log = logging.getLogger("mailbox_guard.metrics")
 
@@ -22,15 +23,15 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def render(engine: "Engine") -> str:
-    stats = engine.stats
+def render(stats: "Stats", queue: dict[str, int], connections: int, connections_total: int) -> str:
+    """The exposition text of one scrape."""
     lines = [
         "# HELP mailbox_guard_connections Live SMTP connections.",
         "# TYPE mailbox_guard_connections gauge",
-        f"mailbox_guard_connections {len(engine.sessions)}",
+        f"mailbox_guard_connections {connections}",
         "# HELP mailbox_guard_connections_total SMTP connections accepted since start.",
         "# TYPE mailbox_guard_connections_total counter",
-        f"mailbox_guard_connections_total {engine.counters['connections']}",
+        f"mailbox_guard_connections_total {connections_total}",
         "# HELP mailbox_guard_messages_total Messages and recipients by outcome since start.",
         "# TYPE mailbox_guard_messages_total counter",
     ]
@@ -40,10 +41,9 @@ async def render(engine: "Engine") -> str:
               "# TYPE mailbox_guard_check_results_total counter"]
     for (check, symbol), n in sorted(stats.check_results.items()):
         lines.append(f'mailbox_guard_check_results_total{{check="{_label(check)}",symbol="{_label(symbol)}"}} {n}')
-    counts = await engine.readers.run(q.counts_by_state)
     lines += ["# HELP mailbox_guard_queue_messages Messages in the queue by state.",
               "# TYPE mailbox_guard_queue_messages gauge"]
-    for st, n in counts.items():
+    for st, n in queue.items():
         lines.append(f'mailbox_guard_queue_messages{{state="{st}"}} {n}')
     attempts = len(stats.delivery_seconds)
     lines += ["# HELP mailbox_guard_delivery_attempts_total Delivery attempts since start.",
@@ -72,9 +72,21 @@ def _quantile(values, quantile: float) -> str:
 
 
 class MetricsServer:
-    def __init__(self, engine: "Engine", host: str, port: int) -> None:
-        self.engine, self.host, self.port = engine, host, port
+    """Serves :func:`render` from the engine's live counters (``stats``), its
+    connection counts and the queue as the store's ``readers`` see it."""
+
+    def __init__(self, host: str, port: int, *, stats: "Stats", readers: "Readers",
+                 connections: Callable[[], int], connections_total: Callable[[], int]) -> None:
+        self.host, self.port = host, port
+        self.stats = stats
+        self.readers = readers
+        self.connections = connections              # live SMTP connections
+        self.connections_total = connections_total  # accepted since start
         self.server: asyncio.AbstractServer | None = None
+
+    async def scrape(self) -> str:
+        queue = await self.readers.run(q.counts_by_state)
+        return render(self.stats, queue, self.connections(), self.connections_total())
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, self.host, self.port, limit=8192)
@@ -95,7 +107,7 @@ class MetricsServer:
                     pass
             parts = request.split()
             if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/metrics":
-                body = (await render(self.engine)).encode()
+                body = (await self.scrape()).encode()
                 head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
             else:
                 body = b"not found: try /metrics\n"

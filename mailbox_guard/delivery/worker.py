@@ -19,7 +19,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from mailbox_guard.config import parse_hostport
 from mailbox_guard.lookups.dns import DnsError, DnsTempError
@@ -27,10 +27,13 @@ from mailbox_guard.mail.dsn import FailedRecipient, build_dsn, human_duration, m
 from mailbox_guard.delivery.client import (Connection, Reply, SmtpClientError, Transaction,
                           opportunistic_tls_context)
 from mailbox_guard.queue.ops import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
-                    new_queue_id, next_due, recover_leases)
+                                     new_queue_id, next_due, recover_leases)
+from mailbox_guard.text import printable
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.engine import Engine
+    from mailbox_guard.events import EventBus, Stats
+    from mailbox_guard.lookups.dns import DnsCache
+    from mailbox_guard.store.db import Readers, Writer
 
 log = logging.getLogger("mailbox_guard.delivery")
 
@@ -116,8 +119,21 @@ class _Pool:
 
 
 class Delivery:
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
+    """The delivery loop and its tasks. What it needs from the engine is given to it:
+    the current policy snapshot and DNS cache (both swapped on reload, hence
+    callables), the store's readers and writer, the live counters and events, and the
+    addresses the engine listens on (mail routed back to them would loop)."""
+
+    def __init__(self, *, policy: Callable[[], Any], dns: Callable[[], "DnsCache"], readers: "Readers",
+                 writer: "Writer", stats: "Stats", events: "EventBus",
+                 listening: Callable[[], list[dict]]) -> None:
+        self.policy = policy
+        self.dns = dns
+        self.readers = readers
+        self.writer = writer
+        self.stats = stats
+        self.events = events
+        self.listening = listening
         self.wake = asyncio.Event()
         self.pool = _Pool()
         self.active: set[asyncio.Task] = set()
@@ -138,16 +154,15 @@ class Delivery:
                 await asyncio.sleep(1.0)
 
     async def _run(self) -> None:
-        engine = self.engine
         last_sweep = 0.0
         while not self.stopping:
-            settings = engine.policy.settings
+            settings = self.policy().settings
             free = settings["delivery.concurrency"] - len(self.active)
             now = time.time()
             if now - last_sweep > 30:
                 last_sweep = now
                 try:
-                    n = await engine.writer.run(lambda c: recover_leases(c, now, expired_only=True))
+                    n = await self.writer.run(lambda c: recover_leases(c, now, expired_only=True))
                 except sqlite3.Error as exc:     # the next sweep tries again
                     log.error("lease sweep failed: %s", exc)
                 else:
@@ -157,7 +172,7 @@ class Delivery:
             ids: list[str] = []
             if free > 0:
                 try:
-                    ids = await engine.writer.run(
+                    ids = await self.writer.run(
                         lambda c: lease_due(c, now, min(free, 64), LEASE_SECONDS))
                 except Exception as exc:     # store trouble: try again shortly
                     log.error("leasing failed: %s", exc)
@@ -166,7 +181,7 @@ class Delivery:
             if ids:
                 # One trip to a reader thread for the whole batch, not one per message.
                 loaded = await self._persist(ids[0], f"load {len(ids)} leased message(s)",
-                                             lambda: engine.readers.run(
+                                             lambda: self.readers.run(
                                                  lambda c: [load_leased(c, i) for i in ids]))
             else:
                 loaded = []
@@ -182,7 +197,7 @@ class Delivery:
             timeout = 1.0
             if not ids and free > 0:
                 try:
-                    due = await engine.readers.run(next_due)
+                    due = await self.readers.run(next_due)
                 except sqlite3.Error as exc:     # wake up in a second and look again
                     log.error("cannot read the next due time: %s", exc)
                     due = None
@@ -230,20 +245,19 @@ class Delivery:
                 pause = min(pause * 2, 5.0)
 
     async def _deliver_one(self, msg: Leased) -> None:
-        engine = self.engine
         started = time.monotonic()
         try:
             await self._deliver_leased(msg)
         finally:
-            engine.stats.delivery_attempts += 1
-            engine.stats.delivery_seconds.append(time.monotonic() - started)
+            self.stats.delivery_attempts += 1
+            self.stats.delivery_seconds.append(time.monotonic() - started)
 
     async def _deliver_leased(self, msg: Leased) -> None:
-        engine = self.engine
+        policy = self.policy()
         groups: dict[str, list[str]] = {}
         hops: dict[str, str | None] = {}
         for rcpt, domain in msg.recipients:
-            dom = engine.policy.guarded(domain)
+            dom = policy.guarded(domain)
             hop = dom.next_hop if dom is not None else None
             key = f"hop:{hop}" if hop else f"mx:{domain}"
             groups.setdefault(key, []).append(rcpt)
@@ -257,8 +271,7 @@ class Delivery:
         await self._finish(msg, outcomes)
 
     async def _finish(self, msg: Leased, outcomes: list[RcptOutcome]) -> None:
-        engine = self.engine
-        settings = engine.policy.settings
+        settings = self.policy().settings
         now = time.time()
         lifetime = settings["queue.max_lifetime"]
         pending = [o for o in outcomes if o.outcome == "deferred"]
@@ -273,10 +286,10 @@ class Delivery:
         failed = [o for o in outcomes if o.outcome == "bounced"]
         dsn = self._dsn(msg, failed, now) if failed and msg.mail_from else None
         last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
-        await self._persist(msg.id, "record the delivery attempt", lambda: engine.writer.run(
+        await self._persist(msg.id, "record the delivery attempt", lambda: self.writer.run(
             lambda c: finish_attempt(c, msg.id, outcomes, now=now, next_attempt=next_attempt,
                                      last_error=last_error, dsn=dsn)))
-        stats, events = engine.stats, engine.events
+        stats, events = self.stats, self.events
         for o in outcomes:
             stats.count(o.outcome)
             events.publish("delivery", id=msg.id, recipient=o.recipient, outcome=o.outcome,
@@ -289,7 +302,7 @@ class Delivery:
             log.info("%s: no bounce for a bounce (null sender)", msg.id)
 
     def _dsn(self, msg: Leased, failed: list[RcptOutcome], now: float) -> NewMessage | None:
-        hostname = self.engine.policy.settings["smtp.hostname"]
+        hostname = self.policy().settings["smtp.hostname"]
         recipients = []
         for o in failed:
             if o.reply.startswith("4.4.7"):
@@ -315,8 +328,8 @@ class Delivery:
 
     # ------------------------------------------------------------------ one route
     async def _targets(self, key: str, hop: str | None) -> list[Target]:
-        dns = self.engine.dns
-        port = self.engine.policy.settings["delivery.port"]
+        dns = self.dns()
+        port = self.policy().settings["delivery.port"]
         if hop:
             host, hop_port = parse_hostport(hop, default_port=25)
             host = host.strip("[]")
@@ -391,7 +404,7 @@ class Delivery:
 
     def _is_myself(self, target: Target) -> bool:
         """An MX or next hop that is one of our own listeners would loop forever."""
-        for lst in self.engine.bound:
+        for lst in self.listening():
             if lst["port"] != target.port:
                 continue
             if lst["host"] == target.ip:
@@ -406,7 +419,7 @@ class Delivery:
         return False
 
     async def _client(self, target: Target) -> tuple[Connection, int]:
-        settings = self.engine.policy.settings
+        settings = self.policy().settings
         reused = self.pool.take((target.ip, target.port))
         if reused is not None:
             return reused
@@ -479,11 +492,9 @@ def _is_ip(host: str) -> bool:
 
 
 def _one_line(value: object) -> str:
-    """One printable line: nothing a remote server or an address could use to forge
-    a log line."""
-    text = " ".join(str(value).split())[:500]
-    return "".join(c if c.isprintable() else "?" for c in text)
-
+    """One printable line, its runs of whitespace made one space: nothing a remote
+    server or an address could use to forge a log line."""
+    return printable(" ".join(str(value).split()), 500)
 
 
 def _reply(reply: Reply) -> str:

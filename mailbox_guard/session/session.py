@@ -104,6 +104,7 @@ class Session:
         self.recipients: list[Recipient] = []
         self.conn_trace: list[Verdict] = []
         self.tx_trace: list[Verdict] = []
+        self.tx_refused: list[Verdict] = []             # rows of refused recipients
         self._seq = 0
         self.trace_truncated = False
         self.messages = 0
@@ -346,10 +347,11 @@ class Session:
                           if found_at != "rcpt" else deciding.detail)
                 trace.append(Verdict(self.seq(), time.time(), "rcpt", path.address, deciding.check,
                                      deciding.symbol, deciding.score, deciding.action.value, reply, detail))
-            # A refused recipient's rows belong to the connection, not to a message.
+            # A refused recipient's rows stay with the transaction: stored with its
+            # (first) message if one is queued, else with the connection.
             for v in trace:
-                if self._room(self.conn_trace):
-                    self.conn_trace.append(v)
+                if self._room(self.tx_trace):
+                    self.tx_refused.append(v)
             self._refused(Phase.RCPT, path.address, deciding, reply, rcpt=path.address)
             return reply, address
         self.recipients.append(Recipient(address, path.address, scope, results, trace, allowed is not None))
@@ -417,8 +419,10 @@ class Session:
                      "quarantined" if m.state == "quarantine" else "queued", m.id,
                      printable(m.mail_from), len(m.recipients), m.size,
                      f" reason={printable(m.reason, 200)}" if m.reason else "")
-        self.recipients = []           # their rows are stored with the messages now
-        self.tx_trace = []
+        if messages:
+            self.recipients = []       # their rows are stored with the messages now
+            self.tx_trace = []
+            self.tx_refused = []
         return DataResult(replies.S250_QUEUED.format(queue_id=queue_id), messages, outcomes)
 
     def _build(self, body: bytes, outcomes: list[decide.Outcome], now: float) -> list[QueuedMessage]:
@@ -450,6 +454,7 @@ class Session:
             for rcpt, _ in members:
                 trace.extend(rcpt.trace)
             if not out:
+                trace.extend(self.tx_refused)
                 for rcpt in dropped:
                     trace.extend(rcpt.trace)
             trace.append(Verdict(self.seq(), now, "queue", queue_id, "queue",
@@ -461,17 +466,12 @@ class Session:
                 body=data, received_at=now, state=state, reason=reason or None, message_id=message_id,
                 connection_id=facts.connection_id, listener=facts.listener, client_ip=facts.peer_ip,
                 helo=facts.helo, tls=tls, auth_user=facts.auth_user, verdicts=trace))
-        if not out and dropped:
-            for rcpt in dropped:
-                for v in rcpt.trace:
-                    if self._room(self.conn_trace):
-                        self.conn_trace.append(v)
-        return out
+        return out          # nothing queued (all discarded): end_transaction keeps the rows
 
     def end_transaction(self) -> None:
         """RSET, the end of DATA, a new MAIL: what was not queued stays with the
         connection (within its bound)."""
-        pending = list(self.tx_trace)
+        pending = self.tx_trace + self.tx_refused
         for rcpt in self.recipients:
             pending.extend(rcpt.trace)
         if pending:
@@ -479,6 +479,7 @@ class Session:
             room = max(0, MAX_CONNECTION_TRACE - len(self.conn_trace))
             self.conn_trace.extend(pending[:room])
         self.tx_trace = []
+        self.tx_refused = []
         self.recipients = []
         self.tx_results = []
         self.tx_delayed = []

@@ -68,8 +68,6 @@ class GuardSMTP(SaslMechanisms, SMTP):
     # The reader's buffer limit; commands are held to command_size_limits below and
     # AUTH lines may be long (RFC 4954).
     line_length_limit = _AUTH_LINE_LIMIT + 2
-    AuthLoginUsernameChallenge = "Username:"
-    AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, handler: Any, listener: "Listener", *, facts: SessionFacts, **kwargs: Any) -> None:
         # aiosmtpd keeps command_size_limits on the class and grows it per EHLO;
@@ -84,7 +82,6 @@ class GuardSMTP(SaslMechanisms, SMTP):
         self.phase = "connect"
         self.connect_task: asyncio.Task | None = None
         self._out: list[bytes] = []
-        self.auth_failures = 0
         self.released = False          # taken out of the engine's table (exactly once)
 
     @property

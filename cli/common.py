@@ -50,7 +50,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
 READ_ONLY_COMMANDS = frozenset({
     "status", "rejects", "domains list", "domains show", "recipients list", "networks list", "listeners list",
     "config show", "config get", "config export", "queue list", "queue show", "queue summary",
-    "messages why", "users list", "auth bans", "tls show", "policy test"})
+    "messages why", "users list", "auth bans", "tls show", "policy test", "checks list"})
 
 
 def _command() -> str:
@@ -178,10 +178,15 @@ def progress(items: Iterable, label: str, length: int | None = None):
 YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
 
 
+def asks(yes: bool) -> bool:
+    """Whether `confirm` would ask: a person at a terminal, and no --yes."""
+    return not yes and sys.stdin.isatty() and sys.stderr.isatty()
+
+
 def confirm(question: str, yes: bool) -> None:
     """Ask before a destructive change when a person is at a terminal (the prompt
     goes to stderr, the answer comes from stdin); scripts and --yes go ahead."""
-    if yes or not (sys.stdin.isatty() and sys.stderr.isatty()):
+    if not asks(yes):
         return
     if not typer.confirm(question, err=True):
         fail("nothing changed")

@@ -195,7 +195,7 @@ def test_bulk_actions_summary_and_delete_of_many(gateway):
     assert gateway.cli("queue", "hold", "--all", "--to-domain", "A.test").stdout.strip() == "3 message(s) on hold"
     assert states() == {"hold": 3, "deferred": 1}
     one_error_line(gateway.cli("queue", "release", "--all", "--state", "deferred", check=False),
-                   "release applies to hold messages, not deferred ones")
+                   "release applies to hold or quarantine messages, not deferred ones")
     assert gateway.cli("queue", "release", "--all").stdout.strip() == "3 message(s) released"
     gateway.wait_until(lambda: states() == {"deferred": 4}, what="released and deferred again")
     for argv in (["queue", "hold"], ["queue", "hold", "X", "--all"], ["queue", "hold", "X", "--state", "hold"],
@@ -263,3 +263,81 @@ def test_status_warns_about_an_open_relay(gateway):
     gateway.start()
     data = json.loads(gateway.cli("status", "--json").stdout)
     assert data["running"] and len(data["warnings"]) == 1 and "0.0.0.0/0" in data["warnings"][0]
+
+
+def test_quarantine_is_listed_shown_never_delivered_then_released_or_deleted(gateway, sink):
+    """Mail the policy keeps back (here: bob's own threshold, below any score) is in the
+    queue in state quarantine with its reason and the session's facts; delivery never
+    takes it; a release delivers it (asking first on a terminal), a delete drops it."""
+    from tests.test_auth import PASSWORD, add_user, submission
+    from tests.test_cli_policy import on_terminal
+    gateway.policy().add_domain("example.test", sink.hop)
+    assert add_user(gateway, "alice@example.test").returncode == 0
+    assert gateway.cli("config", "set", "--user", "bob@example.test", "--", "actions.quarantine", "-1").stdout.strip() == \
+        "actions.quarantine = -1 (user bob@example.test)"
+    gateway.sub_port = free_port()
+    gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
+    with submission(gateway) as s:
+        s.login("alice@example.test", PASSWORD)
+        for n in (1, 2):
+            s.sendmail("alice@example.test", ["bob@example.test"],
+                       make_message(sender="alice@example.test", subject=f"q{n}", message_id=f"<q{n}@client.test>"))
+        s.sendmail("alice@example.test", ["carol@example.test"],
+                   make_message(sender="alice@example.test", to="carol@example.test"))
+    assert [m.rcpt_tos for m in sink.wait_for(1)] == [["carol@example.test"]]
+    held = [r["id"] for r in gateway.query("SELECT id FROM messages WHERE state = 'quarantine' ORDER BY id")]
+    assert len(held) == 2
+    # Several rounds of the 1 s retry schedule, a flush and a retry: delivery never takes them.
+    gateway.cli("queue", "flush")
+    one_error_line(gateway.cli("queue", "retry", held[0], check=False),
+                   f"{held[0]} is in quarantine; only queued or deferred mail can be retried")
+    one_error_line(gateway.cli("queue", "hold", held[0], check=False), "only queued or deferred mail can be held")
+    time.sleep(2.5)
+    assert gateway.query("SELECT state, attempts FROM messages WHERE state = 'quarantine'") == [
+        {"state": "quarantine", "attempts": 0}] * 2
+    assert gateway.query("SELECT count(*) AS n FROM delivery_log WHERE message_id IN (?, ?)", *held)[0]["n"] == 0
+    assert len(sink.messages) == 1
+
+    rows = json.loads(gateway.cli("queue", "list", "--state", "quarantine", "--json").stdout)
+    assert sorted(r["id"] for r in rows) == held and all(r["state"] == "quarantine" for r in rows)
+    assert all(r["reason"].startswith("score 0 (") and "quarantine -1" in r["reason"] for r in rows), rows
+    text = gateway.cli("queue", "list", "--state", "quarantine").stdout
+    assert text.splitlines()[0].split()[-1] == "REASON" and rows[0]["reason"] in text
+    assert "REASON" not in gateway.cli("queue", "list", "--state", "delivered").stdout
+    shown = gateway.cli("queue", "show", "<q1@client.test>").stdout
+    assert f"queue id:    {held[0]}  (quarantine: in quarantine)" in shown
+    assert f"quarantined: {rows[0]['reason']}\n" in shown
+    assert "session:     HELO client.test, TLS TLSv1." in shown and ", authenticated as alice@example.test" in shown
+    detail = json.loads(gateway.cli("queue", "show", held[0], "--json").stdout)
+    assert (detail["state"], detail["helo"], detail["auth_user"]) == ("quarantine", "client.test", "alice@example.test")
+    assert detail["tls"].startswith("TLSv1.") and detail["reason"] == rows[0]["reason"]
+    why = json.loads(gateway.cli("messages", "why", held[0], "--json").stdout)
+    assert why["state"] == "quarantine" and why["outcome"] == f"in quarantine ({rows[0]['reason']})"
+    assert "QUARANTINED" in [v["symbol"] for v in why["trace"]]
+    assert json.loads(gateway.cli("status", "--json").stdout)["queue"]["quarantine"] == 2
+    assert "quarantine 2" in gateway.cli("status").stdout
+    summary = json.loads(gateway.cli("queue", "summary", "--state", "quarantine", "--json").stdout)
+    assert [(r["domain"], r["messages"]) for r in summary] == [("example.test", 2)]
+
+    # A release asks on a terminal; no leaves it where it is.
+    code, seen = on_terminal(gateway.home, "queue", "release", held[0], answer="n")
+    assert code == 1 and "release 1 quarantined message(s) for delivery? The policy kept them back." in seen
+    assert gateway.query("SELECT state FROM messages WHERE id = ?", held[0])[0]["state"] == "quarantine"
+    # `--all` takes held mail only: quarantined mail must be named or asked for by state.
+    assert gateway.cli("queue", "release", "--all").stdout.strip() == "0 message(s) released"
+    code, seen = on_terminal(gateway.home, "queue", "release", held[0], answer="y")
+    assert code == 0 and f"{held[0]}: released" in seen
+    got = sink.wait_for(2)
+    assert got[1].rcpt_tos == ["bob@example.test"] and b"Subject: q1" in got[1].data
+    gateway.wait_until(lambda: gateway.query("SELECT state FROM messages WHERE id = ?", held[0])[0]["state"]
+                       == "delivered", what="the released message delivered")
+    shown = gateway.cli("queue", "show", held[0]).stdout
+    assert f"quarantined: {rows[0]['reason']}  (released since)" in shown
+    assert "RELEASED_FROM_QUARANTINE" in shown and "released for delivery by an admin" in shown
+
+    # Delete works on quarantined mail too (here on the store, the engine stopped).
+    gateway.stop()
+    assert gateway.cli("queue", "delete", "--all", "--state", "quarantine", "--yes").stdout.strip() == \
+        "1 message(s) deleted"
+    assert gateway.query("SELECT id FROM messages WHERE id = ?", held[1]) == []
+    assert len(sink.messages) == 2

@@ -26,12 +26,13 @@ import pytest
 from rich.console import Console
 from textual.worker import WorkerCancelled
 
+from mailbox_guard.queue import states as queue_states
 from tests.conftest import make_message
 from tui.app import MailboxGuardApp
 from tui.feed import LiveState
 from tui.screens import BansScreen, ConfirmScreen, ConnectionsScreen, HelpScreen, MessageDetailScreen, QueueScreen
 from tui.source import KINDS, ControlCallError, EngineNotRunning, MessagePage, Source
-from tui.widgets import BanTable, ConnectionTable, EngineBanner, MessageTable, VerdictTrace
+from tui.widgets import BanTable, ConnectionTable, EngineBanner, MessageTable, QuarantineTable, VerdictTrace
 from tui.widgets.banner import NOT_RUNNING
 
 SIZE = (80, 24)
@@ -145,7 +146,8 @@ def test_queued_message_found_inspected_and_deleted_with_confirmation(gateway):
             await until(pilot, lambda: bool(trace.trace), 5, "the verdict trace")
             await settle(pilot)
             text = screen_text(app)
-            assert "Verdict trace" in text and "RELAY_GUARDED_DOMAIN" in text and "QUEUED" in text, text
+            assert "Verdict trace" in text and "RELAY_GUARDED_DOMAIN" in text, text
+            assert "QUEUED" in [v["symbol"] for v in trace.trace]        # further down the trace
             assert queue_id in text and "deferred" in text
             # No: nothing happens.
             await pilot.press("x")
@@ -165,6 +167,50 @@ def test_queued_message_found_inspected_and_deleted_with_confirmation(gateway):
         assert gateway.query("SELECT id FROM messages WHERE id = ?", queue_id) == []
         assert gateway.query("SELECT count(*) AS n FROM message_bodies WHERE message_id = ?", queue_id)[0]["n"] == 0
         assert len(gateway.query("SELECT id FROM messages")) == 1     # the other one is untouched
+
+    asyncio.run(scenario())
+
+
+def test_quarantined_message_listed_with_its_reason_and_released_after_confirmation(gateway, sink):
+    gateway.policy().add_domain("example.test", sink.hop)
+    # Below any score: everything for example.test is kept back.
+    gateway.cli("config", "set", "--domain", "example.test", "--", "actions.quarantine", "-1")
+    gateway.start()
+    send(gateway, "<held@client.test>", sender="mallory@sender.test")
+    gateway.wait_until(lambda: gateway.query("SELECT state FROM messages WHERE state = 'quarantine'"),
+                       what="the message in quarantine")
+    queue_id = gateway.query("SELECT id FROM messages")[0]["id"]
+
+    async def scenario():
+        app = MailboxGuardApp(gateway.home)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.live.running is True, 10, "the engine")
+            await pilot.press("q")                      # not in the queue's list
+            table = app.screen.query_one(MessageTable)
+            await settle(pilot)
+            assert queue_id not in table_keys(table)
+            await pilot.press("u")
+            table = app.screen.query_one(QuarantineTable)
+            await until(pilot, lambda: table_keys(table) == [queue_id], 5, "the quarantined message")
+            await settle(pilot)
+            text = screen_text(app)
+            assert "mallory@sender.te" in text and "reason score 0 (reject 15, quarantine -1" in text, text
+            await pilot.press("enter")
+            trace = app.screen.query_one(VerdictTrace)
+            await until(pilot, lambda: bool(trace.trace), 5, "the verdict trace")
+            await settle(pilot)
+            text = screen_text(app)
+            assert "Quarantined" in text and "OUTCOME_QUARANTINE" in text and "HELO client.test, no TLS" in text, text
+            await pilot.press("h")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            await settle(pilot)
+            assert gateway.query("SELECT state FROM messages")[0]["state"] == "quarantine"
+            await pilot.press("h", "y")
+            await until(pilot, lambda: bool(sink.messages), 10, "the released message delivered")
+        assert [m.rcpt_tos for m in sink.messages] == [["bob@example.test"]]
+        assert gateway.query("SELECT symbol FROM verdicts WHERE message_id = ? AND check_name = 'admin'",
+                             queue_id) == [{"symbol": "RELEASED_FROM_QUARANTINE"}]
 
     asyncio.run(scenario())
 
@@ -303,6 +349,10 @@ class FrozenSource(Source):
             {"id": "1BA5E0EC000000000F9", "state": "incoming", "mail_from": "[red]not-markup[/]@evil.test",
              "message_id": "<x@evil.test>", "size": 120000, "received_at": FROZEN - 3,
              "next_attempt": FROZEN - 3, "attempts": 0, "last_error": None, "recipients": "carol@example.test"},
+            {"id": "1BA5E0E8000000000Q1", "state": "quarantine", "mail_from": "promo@bulk.test",
+             "message_id": "<q1@bulk.test>", "size": 5120, "received_at": FROZEN - 1800,
+             "next_attempt": FROZEN - 1800, "attempts": 0, "last_error": None, "recipients": "dave@example.test",
+             "reason": "score 12.5 >= actions.quarantine 10 (\x07[b]bulk[/b])"},
         ]
         self.ban_rows = [
             {"kind": "ip", "key": "192.0.2.7", "until": FROZEN + 3541, "failures": 10, "created_at": FROZEN - 59},
@@ -319,7 +369,7 @@ class FrozenSource(Source):
             raise EngineNotRunning("no engine is running with home /var/lib/mailbox-guard")
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in ("incoming", "active", "deferred", "hold", "delivered", "bounced")}
+        out = {s: 0 for s in queue_states.ALL}
         for r in self.rows:
             out[r["state"]] += 1
         out["delivered"] = 41
@@ -381,6 +431,8 @@ class FrozenSource(Source):
         self.actions.append((method, params))
         if method == "queue.delete":
             self.rows = [r for r in self.rows if r["id"] != params["id"]]
+        if method == "queue.release":
+            self.rows = [dict(r, state="deferred") if r["id"] == params["id"] else r for r in self.rows]
         if method == "auth.unban":
             if not any(r["key"] == params["id"] for r in self.ban_rows):
                 raise ControlCallError("not_found", f"no ban for {params['id']}")
@@ -402,16 +454,16 @@ class FrozenSource(Source):
         return self._in_force(now)
 
     async def list_messages(self, kind: str, *, states=None, search: str = "", limit: int = 500) -> MessagePage:
-        if kind != "queue":
-            return MessagePage([], "none", KINDS[kind].empty_note)
-        rows = [r for r in self.rows if (not states or r["state"] in states) and search in str(r)]
-        return MessagePage(rows, "engine" if self.running else "store")
+        wanted = [s for s in (states or KINDS[kind].states) if s in KINDS[kind].states]
+        rows = [r for r in self.rows if r["state"] in wanted and search in str(r)]
+        return MessagePage(rows, "engine" if self.running else "store", KINDS[kind].empty_note)
 
     async def show_message(self, kind: str, key: str) -> dict | None:
         row = next((r for r in self.rows if r["id"] == key), None)
         if row is None:
             return None
-        return {**row, "connection_id": "C0FFEE00", "listener": "inbound", "client_ip": "198.51.100.23",
+        return {"helo": "mail.sender.test", "tls": "TLSv1.3 TLS_AES_256_GCM_SHA384", "auth_user": None, "reason": None,
+                **row, "connection_id": "C0FFEE00", "listener": "inbound", "client_ip": "198.51.100.23",
                 "recipients": [{"recipient": "bob@example.test", "domain": "example.test", "state": "pending",
                                 "attempts": 2, "last_reply": "4.4.1 connection refused", "remote": "192.0.2.7:25"}],
                 "deliveries": [{"at": FROZEN - 700, "recipient": "bob@example.test", "outcome": "deferred",
@@ -480,6 +532,8 @@ SNAPSHOT_CASES = {
     "message_detail": ("q", "enter"),
     "message_delete_confirm": ("q", "enter", "x"),
     "quarantine": ("u",),
+    "quarantine_detail": ("u", "enter"),
+    "quarantine_release_confirm": ("u", "h"),
     "events": ("e",),
     "help": ("question_mark",),
     "bans": ("b",),
@@ -547,6 +601,45 @@ def test_queue_keys_retry_hold_release_and_help(utc):
             await pilot.press("q")
             await settle(pilot)
             assert "[red]not-markup[/" in screen_text(app)
+
+    asyncio.run(scenario())
+
+
+def test_quarantine_lists_reasons_and_release_asks_first(utc):
+    async def scenario():
+        source = FrozenSource()
+        app = MailboxGuardApp(source.home, source=source, clock=frozen_clock, interval=3600)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.live.running is True, 5, "the frozen feed")
+            await pilot.press("q")
+            await settle(pilot)
+            # The queue's "all" is not the quarantine; the quarantine is only that.
+            assert "1BA5E0E8000000000Q1" not in table_keys(app.screen.query_one(MessageTable))
+            await pilot.press("u")
+            await settle(pilot)
+            table = app.screen.query_one(QuarantineTable)
+            assert table_keys(table) == ["1BA5E0E8000000000Q1"]
+            assert "score 12.5 >= actions.quarantine 10 (?[b]bulk[/b])" in screen_text(app)   # as text
+            # Release asks: no, escape and a reflexive enter do nothing.
+            await pilot.press("h")
+            assert isinstance(app.screen, ConfirmScreen) and "The policy kept it back" in screen_text(app)
+            await pilot.press("n")
+            await pilot.press("h", "escape", "h", "enter")
+            await settle(pilot)
+            assert source.actions == []
+            # Delete asks too; then yes releases, through the queue's own method.
+            await pilot.press("x", "n")
+            await settle(pilot)
+            assert source.actions == []
+            await pilot.press("h", "y")
+            await settle(pilot)
+            assert source.actions == [("queue.release", {"id": "1BA5E0E8000000000Q1"})]
+            await until(pilot, lambda: table_keys(table) == [], 5, "the released message to leave the list")
+            assert "Nothing is in quarantine" in screen_text(app)
+            # Back in the queue, deferred and due.
+            await pilot.press("q")
+            await settle(pilot)
+            assert "1BA5E0E8000000000Q1" in table_keys(app.screen.query_one(MessageTable))
 
     asyncio.run(scenario())
 

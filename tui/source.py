@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from mailbox_guard.queue import ops as q
+from mailbox_guard.queue import states as st
 from mailbox_guard.control.client import AsyncControlClient, ControlCallError, EngineNotRunning
 from mailbox_guard.store.db import DB_NAME, StoreError, connect
 
@@ -45,9 +46,10 @@ class MessagePage:
 
 @dataclass(frozen=True)
 class MessageKind:
-    """A list of messages an operator acts on: the queue, and (later) the quarantine.
-    ``actions`` maps the screens' verbs to control methods; a verb not listed is not
-    offered."""
+    """A list of messages an operator acts on: the queue, and the quarantine (the
+    messages in queue state quarantine). ``states`` are those the list shows (its
+    "all"); ``actions`` maps the screens' verbs to control methods; a verb not listed
+    is not offered."""
     name: str
     title: str
     states: tuple[str, ...]
@@ -57,16 +59,14 @@ class MessageKind:
 
 KINDS = {
     "queue": MessageKind(
-        "queue", "Queue", ("incoming", "active", "deferred", "hold", "delivered", "bounced"),
+        "queue", "Queue", tuple(s for s in st.ALL if s != st.QUARANTINE),
         {"retry": "queue.retry", "hold": "queue.hold", "release": "queue.release",
          "delete": "queue.delete"}),
-    # Filled by the scanning issue: it will add quarantine.list/show/release/delete to
-    # the control socket and the store; until then the list is empty.
     "quarantine": MessageKind(
-        "quarantine", "Quarantine", ("held",),
-        {"release": "quarantine.release", "delete": "quarantine.delete"},
-        "Nothing is quarantined yet: the quarantine is filled by the scanning issue "
-        "(content scanners). Held mail will be listed here."),
+        "quarantine", "Quarantine", (st.QUARANTINE,),
+        {"release": "queue.release", "delete": "queue.delete"},
+        "Nothing is in quarantine: what the policy keeps back (actions.quarantine) is listed here "
+        "with its reason."),
 }
 
 
@@ -214,22 +214,19 @@ class EngineSource(Source):
     # ------------------------------------------------------------ messages
     async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",
                             limit: int = 500) -> MessagePage:
-        if kind != "queue":
-            return MessagePage([], "none", KINDS[kind].empty_note)
-        params: dict[str, Any] = {"search": search, "limit": limit}
-        if states:
-            params["states"] = list(states)
+        # Never wider than the kind: the queue's "all" is not the quarantine.
+        wanted = [s for s in (states or KINDS[kind].states) if s in KINDS[kind].states]
+        params: dict[str, Any] = {"search": search, "limit": limit, "states": wanted}
         try:
-            return MessagePage(await self.call("queue.list", **params), "engine")
+            page = MessagePage(await self.call("queue.list", **params), "engine")
         except EngineNotRunning:
             rows = await self.read_store(
-                lambda c: q.list_messages(c, states=list(states) if states else None, search=search,
-                                          limit=limit))
-            return MessagePage(rows, "store")
+                lambda c: q.list_messages(c, states=wanted, search=search, limit=limit))
+            page = MessagePage(rows, "store")
+        page.note = KINDS[kind].empty_note
+        return page
 
     async def show_message(self, kind: str, key: str) -> dict | None:
-        if kind != "queue":
-            return None
         try:
             return await self.call("queue.show", id=key)
         except ControlCallError as exc:

@@ -7,14 +7,21 @@ import typer
 from cli.common import JSON, emit_json, fail, read_store
 from cli.commands.queue import _print_trace, _when
 from mailbox_guard.queue import ops as q
+from mailbox_guard.queue import states as st
 
 app = typer.Typer(help="Questions about messages.\n\n"
                   "Example: mailbox-guard messages why '<abc@example.org>'",
                   no_args_is_help=True)
 
-OUTCOMES = {"delivered": "delivered", "bounced": "returned to the sender", "hold": "on hold",
-            "deferred": "waiting for another delivery attempt", "incoming": "queued",
-            "active": "being delivered"}
+OUTCOMES = st.WORDS
+
+
+def _outcome(detail: dict) -> str:
+    """The state in words; a quarantined message with its reason."""
+    outcome = OUTCOMES.get(detail["state"], detail["state"])
+    if detail["state"] == st.QUARANTINE and detail.get("reason"):
+        outcome += f" ({detail['reason']})"
+    return outcome
 
 
 @app.command("why")
@@ -35,11 +42,12 @@ def messages_why(key: str = typer.Argument(..., metavar="KEY",
         fail(f"nothing is known about {key} (finished messages are kept for queue.keep_done)")
     detail = found["detail"]
     if found["kind"] == "message":
-        outcome = OUTCOMES[detail["state"]]
+        outcome = _outcome(detail)
         if as_json:
             emit_json({"kind": "message", "matched": found["matched"], "reject": found.get("reject"),
                        "id": detail["id"],
                        "message_id": detail["message_id"], "state": detail["state"], "outcome": outcome,
+                       "reason": detail.get("reason"),
                        "connection_id": detail["connection_id"], "trace": detail["trace"],
                        "deliveries": detail["deliveries"]})
             return
@@ -62,7 +70,7 @@ def messages_why(key: str = typer.Argument(..., metavar="KEY",
                f"{len(detail['queued'])} message(s) queued, {detail['rejected']} command(s) refused")
     _print_trace(detail["trace"])
     for m in detail["queued"]:
-        typer.echo(f"  queued {m['id']} from <{m['mail_from']}>: {OUTCOMES[m['state']]}")
+        typer.echo(f"  queued {m['id']} from <{m['mail_from']}>: {OUTCOMES.get(m['state'], m['state'])}")
 
 
 def _matches(found: dict, shown: str) -> None:

@@ -9,16 +9,19 @@ from typing import List, Optional
 
 import typer
 
-from cli.common import (JSON, YES, confirm, control, emit, emit_json, engine_running, fail, guarded, progress,
-                        read_store, transaction, write_store)
-from mailbox_guard.queue import ops as q
+from cli.common import (JSON, YES, asks, confirm, control, emit, emit_json, engine_running, fail, guarded,
+                        progress, read_store, transaction, write_store)
 from mailbox_guard.mail.dsn import human_duration
+from mailbox_guard.queue import ops as q
+from mailbox_guard.queue import states as st
 
 app = typer.Typer(help="The mail queue: list, show, summary, retry, hold, release, delete, flush, purge.\n\n"
-                  "Example: mailbox-guard queue list --state deferred",
+                  "Quarantined mail is in the queue too (state quarantine, with its reason): "
+                  "`queue release` delivers it, `queue delete` drops it.\n\n"
+                  "Example: mailbox-guard queue list --state quarantine",
                   no_args_is_help=True)
 
-STATES = ("incoming", "active", "deferred", "hold", "delivered", "bounced")
+STATES = st.ALL
 
 
 def _when(ts) -> str:
@@ -30,16 +33,19 @@ def queue_list(state: List[str] = typer.Option([], "--state", help=f"Only these 
                search: str = typer.Option("", "--search", help="Queue id, sender, recipient or Message-ID contains this."),
                limit: int = typer.Option(100, "--limit", min=1, max=100000, help="At most this many, newest first."),
                as_json: bool = JSON) -> None:
-    """List queued messages (newest first).
+    """List queued messages (newest first); quarantined ones with the reason.
 
-    Example: mailbox-guard queue list --state deferred --search example.org --json
+    Example: mailbox-guard queue list --state quarantine --json
     """
     states = _states(state)
     rows = read_store(lambda c: q.list_messages(c, states=states or None, search=search, limit=limit))
     if not as_json:
         for r in rows:
             r["received"] = _when(r["received_at"])
-    emit(rows, as_json, ["id", "state", "received", "mail_from", "recipients", "size", "attempts", "last_error"])
+    columns = ["id", "state", "received", "mail_from", "recipients", "size", "attempts", "last_error"]
+    if any(r["state"] == st.QUARANTINE for r in rows):
+        columns.append("reason")
+    emit(rows, as_json, columns)
 
 
 @app.command("show")
@@ -74,11 +80,15 @@ def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."
     if as_json:
         emit_json(detail)
         return
-    typer.echo(f"queue id:    {detail['id']}  ({detail['state']})")
+    typer.echo(f"queue id:    {detail['id']}  ({detail['state']}: {st.WORDS.get(detail['state'], '?')})")
+    if detail.get("reason"):
+        typer.echo(f"quarantined: {detail['reason']}"
+                   + ("" if detail["state"] == st.QUARANTINE else "  (released since)"))
     typer.echo(f"message-id:  {detail['message_id'] or '-'}")
     typer.echo(f"from:        <{detail['mail_from']}>  client {detail['client_ip'] or '-'} via {detail['listener'] or '-'}")
+    typer.echo(f"session:     {_session(detail)}")
     typer.echo(f"received:    {_when(detail['received_at'])}  size {detail['size']}  attempts {detail['attempts']}")
-    if detail["state"] in ("deferred", "incoming"):
+    if detail["state"] in st.DUE:
         typer.echo(f"next try:    {_when(detail['next_attempt'])}")
     typer.echo("recipients:")
     for r in detail["recipients"]:
@@ -94,6 +104,13 @@ def queue_show(message: str = typer.Argument(..., help="Queue id or Message-ID."
             typer.echo(f"  {_when(d['at'])}  {d['recipient']}  {d['outcome']}  {d['remote'] or '-'}  {d['reply'] or ''}")
 
 
+def _session(detail: dict) -> str:
+    """The facts of the session a message came in (what a replay needs)."""
+    return ", ".join((f"HELO {detail.get('helo') or '-'}",
+                      f"TLS {detail['tls']}" if detail.get("tls") else "no TLS",
+                      f"authenticated as {detail['auth_user']}" if detail.get("auth_user") else "not authenticated"))
+
+
 def _body_of(data: bytes) -> bytes:
     for end in (b"\r\n\r\n", b"\n\n"):
         at = data.find(end)
@@ -104,11 +121,12 @@ def _body_of(data: bytes) -> bytes:
 
 @app.command("summary")
 def queue_summary(state: List[str] = typer.Option([], "--state",
-                                                  help="Only these states (default: deferred)."),
+                                                  help="Only these states (default: deferred); "
+                                                       "e.g. --state quarantine."),
                   as_json: bool = JSON) -> None:
     """Per destination domain (like qshape): messages, recipients, age of the oldest.
 
-    Example: mailbox-guard queue summary --json
+    Example: mailbox-guard queue summary --state deferred --state quarantine --json
     """
     states = _states(state) or ["deferred"]
     rows = read_store(lambda c: q.summary(c, states, time.time()))
@@ -147,7 +165,7 @@ ACTIONS = {
 }
 IDS = typer.Argument(None, metavar="[ID]...", help="Queue id(s).", show_default=False)
 ALL = typer.Option(False, "--all", help="Every message where the action applies (narrow with --state, --to-domain).")
-STATE = typer.Option([], "--state", help="With --all: only messages in this state.")
+STATE = typer.Option([], "--state", help="With --all: only messages in this state (repeatable).")
 TO_DOMAIN = typer.Option(None, "--to-domain", metavar="DOMAIN",
                          help="With --all: only messages with a pending recipient in this domain.")
 
@@ -182,10 +200,10 @@ def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str
     _, _, done = ACTIONS[action]
     running = engine_running()
     if all_:
-        if not yes:
-            n = len(read_store(lambda c: q.bulk_ids(c, action, states, to_domain)))
-            if n:
-                confirm(f"{action} {n} message(s) without a bounce?", yes)
+        if asks(yes):
+            found = read_store(lambda c: q.states_of(c, q.bulk_ids(c, action, states, to_domain)))
+            if found:
+                _ask(action, found, len(found), yes)
         if running:
             ids = guarded(lambda: control().call("queue.bulk", action=action, states=states,
                                                  to_domain=to_domain))["ids"]
@@ -193,7 +211,8 @@ def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str
             ids = write_store(lambda c: q.bulk(c, action, now=time.time(), states=states, to_domain=to_domain))
         typer.echo(f"{len(ids)} message(s) {done}")
         return
-    confirm(f"{action} {len(messages)} message(s) without a bounce?", yes)
+    if asks(yes):
+        _ask(action, read_store(lambda c: q.states_of(c, messages)), len(messages), yes)
     failed = 0
     for m in messages:
         error = guarded(lambda m=m: _one(running, action, m))
@@ -204,6 +223,17 @@ def _act(action: str, messages: Optional[List[str]], all_: bool, state: List[str
             typer.echo(f"{m}: {done}")
     if failed:
         raise typer.Exit(1)
+
+
+def _ask(action: str, found: dict[str, str], n: int, yes: bool) -> None:
+    """Ask before what cannot be undone: a delete (no bounce is sent), a release from
+    quarantine (the policy kept that mail back)."""
+    if action == "delete":
+        confirm(f"delete {n} message(s) without a bounce?", yes)
+    elif action == "release":
+        kept = sum(1 for s in found.values() if s == st.QUARANTINE)
+        if kept:
+            confirm(f"release {kept} quarantined message(s) for delivery? The policy kept them back.", yes)
 
 
 @app.command("retry")
@@ -228,12 +258,16 @@ def queue_hold(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: Lis
 
 @app.command("release")
 def queue_release(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: List[str] = STATE,
-                  to_domain: Optional[str] = TO_DOMAIN) -> None:
-    """Release held messages for delivery.
+                  to_domain: Optional[str] = TO_DOMAIN, yes: bool = YES) -> None:
+    """Release held or quarantined messages for delivery (due at once).
 
-    Example: mailbox-guard queue release --all
+    A quarantined message is delivered although the policy kept it back: on a
+    terminal this asks first (--yes skips); the release is written into its verdict
+    trace. `--all` takes held mail only unless `--state quarantine` is given.
+
+    Example: mailbox-guard queue release --all --state quarantine --to-domain example.org --yes
     """
-    _act("release", messages, all_, state, to_domain)
+    _act("release", messages, all_, state, to_domain, yes)
 
 
 @app.command("delete")
@@ -241,6 +275,7 @@ def queue_delete(messages: Optional[List[str]] = IDS, all_: bool = ALL, state: L
                  to_domain: Optional[str] = TO_DOMAIN, yes: bool = YES) -> None:
     """Delete messages from the queue (no bounce is sent); asks first unless --yes.
 
+    Works on queued, deferred, held and quarantined mail (`--all`: all of those).
     Each unknown id is reported; the others are deleted all the same (exit 1).
 
     Example: mailbox-guard queue delete --all --state deferred --to-domain example.org --yes
@@ -276,7 +311,7 @@ def queue_purge(older_than: str = typer.Option("7d", "--older-than", metavar="DU
     seconds = guarded(lambda: parse_duration(older_than))
     before = time.time() - seconds
     ids = read_store(lambda c: [r[0] for r in c.execute(
-        "SELECT id FROM messages WHERE state IN ('delivered', 'bounced') AND done_at < ?", (before,))])
+        f"SELECT id FROM messages WHERE state IN ({st.sql_list(st.DONE)}) AND done_at < ?", (before,))])
     removed = 0
     chunks = [ids[i:i + 500] for i in range(0, len(ids), 500)]
     with progress(chunks, "purging", length=len(chunks)) as items:

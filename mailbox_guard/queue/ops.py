@@ -1,9 +1,9 @@
 """The durable queue: a state machine over SQLite rows.
 
-States: ``incoming`` (just committed) -> ``active`` (leased by a delivery worker) ->
-``delivered`` | ``deferred`` (due again later) | ``bounced``; ``hold`` parks a message
-until released. A lease carries a deadline; leases of a crashed engine are given back
-at start-up (one engine per home, enforced by a lock) and by a periodic sweep.
+The states and where each admin action applies are in :mod:`mailbox_guard.queue.states`.
+Delivery leases only due mail (``incoming``, ``deferred``); ``hold`` and ``quarantine``
+wait for an admin. A lease carries a deadline; leases of a crashed engine are given
+back at start-up (one engine per home, enforced by a lock) and by a periodic sweep.
 
 These functions run inside the store's writer (mutations) or readers (queries); they
 take a connection and never commit themselves.
@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 
 from mailbox_guard.model import QueuedMessage, Verdict
+from mailbox_guard.queue import states as st
+from mailbox_guard.queue.states import sql_list
 
 PENDING, DELIVERED, BOUNCED = "pending", "delivered", "bounced"
 
@@ -65,9 +67,13 @@ def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
 def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[Verdict]) -> None:
     conn.execute(
         "INSERT INTO connections (id, listener, peer_ip, peer_port, helo, started_at, ended_at, "
-        "messages, rejected) VALUES (:id, :listener, :peer_ip, :peer_port, :helo, :started_at, "
-        ":ended_at, :messages, :rejected) ON CONFLICT(id) DO UPDATE SET helo=excluded.helo, "
-        "ended_at=excluded.ended_at, messages=excluded.messages, rejected=excluded.rejected", row)
+        "messages, rejected, tls_version, tls_cipher, auth_user, auth_mechanism) VALUES (:id, :listener, "
+        ":peer_ip, :peer_port, :helo, :started_at, :ended_at, :messages, :rejected, :tls_version, "
+        ":tls_cipher, :auth_user, :auth_mechanism) ON CONFLICT(id) DO UPDATE SET helo=excluded.helo, "
+        "ended_at=excluded.ended_at, messages=excluded.messages, rejected=excluded.rejected, "
+        "tls_version=excluded.tls_version, tls_cipher=excluded.tls_cipher, auth_user=excluded.auth_user, "
+        "auth_mechanism=excluded.auth_mechanism",
+        {"tls_version": None, "tls_cipher": None, "auth_user": None, "auth_mechanism": None, **row})
     if verdicts:
         conn.executemany(
             "INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, "
@@ -77,10 +83,10 @@ def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[Verdic
 
 def recover_leases(conn: sqlite3.Connection, now: float, *, expired_only: bool) -> int:
     """Give leased messages back to the queue (all of them at start-up)."""
-    where = "state = 'active'" + (" AND lease_until < ?" if expired_only else "")
+    where = f"state = '{st.ACTIVE}'" + (" AND lease_until < ?" if expired_only else "")
     args: tuple = (now, now) if expired_only else (now,)
     return conn.execute(
-        f"UPDATE messages SET state = 'deferred', lease_until = NULL, "
+        f"UPDATE messages SET state = '{st.DEFERRED}', lease_until = NULL, "
         f"next_attempt = min(next_attempt, ?) WHERE {where}", args).rowcount
 
 
@@ -93,18 +99,17 @@ FORCED = 0.0
 
 def lease_due(conn: sqlite3.Connection, now: float, limit: int, lease_seconds: float) -> list[str]:
     ids = [r[0] for r in conn.execute(
-        "SELECT id FROM messages WHERE state IN ('incoming', 'deferred') AND next_attempt <= ? "
+        f"SELECT id FROM messages WHERE state IN ({sql_list(st.DUE)}) AND next_attempt <= ? "
         "ORDER BY next_attempt LIMIT ?", (now, limit))]
     if ids:
-        conn.executemany("UPDATE messages SET state = 'active', lease_until = ?, "
+        conn.executemany(f"UPDATE messages SET state = '{st.ACTIVE}', lease_until = ?, "
                          "attempts = attempts + (lease_until IS NOT ?) WHERE id = ?",
                          [(now + lease_seconds, FORCED, i) for i in ids])
     return ids
 
 
 def next_due(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute("SELECT min(next_attempt) FROM messages "
-                       "WHERE state IN ('incoming', 'deferred')").fetchone()
+    row = conn.execute(f"SELECT min(next_attempt) FROM messages WHERE state IN ({sql_list(st.DUE)})").fetchone()
     return row[0]
 
 
@@ -121,7 +126,7 @@ class Leased:
 def load_leased(conn: sqlite3.Connection, message_id: str) -> Leased | None:
     row = conn.execute("SELECT m.id, m.mail_from, m.received_at, m.attempts, b.data "
                        "FROM messages m JOIN message_bodies b ON b.message_id = m.id "
-                       "WHERE m.id = ? AND m.state = 'active'", (message_id,)).fetchone()
+                       f"WHERE m.id = ? AND m.state = '{st.ACTIVE}'", (message_id,)).fetchone()
     if row is None:
         return None
     rcpts = [(r[0], r[1]) for r in conn.execute(
@@ -158,14 +163,14 @@ def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[Rcp
     counts = dict(conn.execute("SELECT state, count(*) FROM message_recipients "
                                "WHERE message_id = ? GROUP BY state", (message_id,)).fetchall())
     if counts.get(PENDING):
-        state = "deferred"
-        conn.execute("UPDATE messages SET state = 'deferred', lease_until = NULL, next_attempt = ?, "
-                     "last_error = ? WHERE id = ? AND state = 'active'",
+        state = st.DEFERRED
+        conn.execute(f"UPDATE messages SET state = '{st.DEFERRED}', lease_until = NULL, next_attempt = ?, "
+                     f"last_error = ? WHERE id = ? AND state = '{st.ACTIVE}'",
                      (next_attempt if next_attempt is not None else now, last_error, message_id))
     else:
-        state = "bounced" if counts.get(BOUNCED) else "delivered"
+        state = st.BOUNCED if counts.get(BOUNCED) else st.DELIVERED
         conn.execute("UPDATE messages SET state = ?, lease_until = NULL, done_at = ?, last_error = ? "
-                     "WHERE id = ? AND state = 'active'", (state, now, last_error, message_id))
+                     f"WHERE id = ? AND state = '{st.ACTIVE}'", (state, now, last_error, message_id))
         # The body is not needed any more; the record and its verdict trace stay
         # until queue.keep_done has passed.
         conn.execute("DELETE FROM message_bodies WHERE message_id = ?", (message_id,))
@@ -176,7 +181,7 @@ def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[Rcp
 
 def purge_done(conn: sqlite3.Connection, before: float) -> int:
     ids = [r[0] for r in conn.execute(
-        "SELECT id FROM messages WHERE state IN ('delivered', 'bounced') AND done_at < ? LIMIT 5000",
+        f"SELECT id FROM messages WHERE state IN ({sql_list(st.DONE)}) AND done_at < ? LIMIT 5000",
         (before,))]
     for i in ids:
         conn.execute("DELETE FROM verdicts WHERE message_id = ?", (i,))
@@ -193,52 +198,65 @@ class QueueActionError(Exception):
     """An admin action that cannot apply (unknown id, wrong state); one clear line."""
 
 
-def _state_of(conn: sqlite3.Connection, message_id: str) -> str:
+# Where each action applies (`--all` without --state: ``ACTIONS[a].bulk``).
+ACTIONS = st.ACTIONS
+BULK_STATES = st.BULK_STATES
+
+
+def _state_of(conn: sqlite3.Connection, message_id: str, action: str) -> str:
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
     if row is None:
         raise QueueActionError(f"no message {message_id} in the queue")
-    return row[0]
+    state = row[0]
+    if state not in ACTIONS[action].states:
+        raise QueueActionError(f"{message_id} is {st.WORDS.get(state, state)}; {ACTIONS[action].what}")
+    return state
 
 
 def retry_now(conn: sqlite3.Connection, message_id: str, now: float) -> str:
-    state = _state_of(conn, message_id)
-    if state not in ("incoming", "deferred"):
-        raise QueueActionError(f"{message_id} is {state}; only queued or deferred mail can be retried")
+    state = _state_of(conn, message_id, "retry")
     conn.execute("UPDATE messages SET next_attempt = ?, lease_until = CASE WHEN next_attempt > ? "
                  "THEN ? ELSE lease_until END WHERE id = ?", (now, now, FORCED, message_id))
     return state
 
 
 def flush(conn: sqlite3.Connection, now: float) -> int:
-    return conn.execute("UPDATE messages SET next_attempt = ?, lease_until = ? "
-                        "WHERE state IN ('incoming', 'deferred') AND next_attempt > ?",
+    return conn.execute(f"UPDATE messages SET next_attempt = ?, lease_until = ? "
+                        f"WHERE state IN ({sql_list(st.DUE)}) AND next_attempt > ?",
                         (now, FORCED, now)).rowcount
 
 
 def hold(conn: sqlite3.Connection, message_id: str) -> str:
-    state = _state_of(conn, message_id)
-    if state == "hold":
-        return state
-    if state not in ("incoming", "deferred"):
-        raise QueueActionError(f"{message_id} is {state}; only queued or deferred mail can be held")
-    conn.execute("UPDATE messages SET state = 'hold' WHERE id = ?", (message_id,))
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+    if row is not None and row[0] == st.HOLD:
+        return st.HOLD
+    state = _state_of(conn, message_id, "hold")
+    conn.execute(f"UPDATE messages SET state = '{st.HOLD}' WHERE id = ?", (message_id,))
     return state
 
 
 def release(conn: sqlite3.Connection, message_id: str, now: float) -> str:
-    state = _state_of(conn, message_id)
-    if state != "hold":
-        raise QueueActionError(f"{message_id} is {state}, not on hold")
-    conn.execute("UPDATE messages SET state = 'deferred', next_attempt = ?, lease_until = CASE "
+    """Give a held or quarantined message to delivery, due now. Releasing from
+    quarantine overrides the policy's decision: it is written into the message's
+    verdict trace (the quarantine reason stays on the message)."""
+    state = _state_of(conn, message_id, "release")
+    conn.execute(f"UPDATE messages SET state = '{st.DEFERRED}', next_attempt = ?, lease_until = CASE "
                  "WHEN next_attempt > ? THEN ? ELSE lease_until END WHERE id = ?",
                  (now, now, FORCED, message_id))
+    if state == st.QUARANTINE:
+        conn.execute(
+            "INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, symbol, "
+            "score, action, reply, detail) SELECT coalesce(m.connection_id, ''), m.id, "
+            "coalesce((SELECT max(seq) FROM verdicts WHERE message_id = m.id OR connection_id = m.connection_id), 0) "
+            "+ 1, ?, 'queue', '', "
+            "'admin', 'RELEASED_FROM_QUARANTINE', 0, 'accept', NULL, "
+            "'released for delivery by an admin; quarantined for: ' || coalesce(m.reason, '-') "
+            "FROM messages m WHERE m.id = ?", (now, message_id))
     return state
 
 
 def delete(conn: sqlite3.Connection, message_id: str) -> str:
-    state = _state_of(conn, message_id)
-    if state == "active":
-        raise QueueActionError(f"{message_id} is being delivered right now; hold it or try again")
+    state = _state_of(conn, message_id, "delete")
     conn.execute("DELETE FROM message_bodies WHERE message_id = ?", (message_id,))
     conn.execute("DELETE FROM message_recipients WHERE message_id = ?", (message_id,))
     conn.execute("DELETE FROM delivery_log WHERE message_id = ?", (message_id,))
@@ -247,20 +265,15 @@ def delete(conn: sqlite3.Connection, message_id: str) -> str:
     return state
 
 
-# Where each action applies; `--all` means every message in these states.
-BULK_STATES = {"delete": ("incoming", "deferred", "hold"), "hold": ("incoming", "deferred"),
-               "release": ("hold",), "retry": ("incoming", "deferred")}
-
-
 def bulk_ids(conn: sqlite3.Connection, action: str, states: list[str] | None = None,
              to_domain: str | None = None) -> list[str]:
-    """The messages `--all` means: in ``states`` (default: all where ``action`` applies),
+    """The messages `--all` means: in ``states`` (default: ``ACTIONS[action].bulk``),
     with a pending recipient in ``to_domain`` if given; oldest first."""
     allowed = BULK_STATES[action]
-    states = list(states or allowed)
+    states = list(states or ACTIONS[action].bulk)
     bad = [s for s in states if s not in allowed]
     if bad:
-        raise QueueActionError(f"{action} applies to {', '.join(allowed)} messages, not {bad[0]} ones")
+        raise QueueActionError(f"{action} applies to {' or '.join(allowed)} messages, not {bad[0]} ones")
     sql = f"SELECT id FROM messages m WHERE state IN ({','.join('?' * len(states))})"
     args: list = list(states)
     if to_domain:
@@ -283,15 +296,23 @@ def bulk(conn: sqlite3.Connection, action: str, *, now: float, states: list[str]
 
 # ---------------------------------------------------------------------- inspection
 def counts_by_state(conn: sqlite3.Connection) -> dict[str, int]:
-    out = {s: 0 for s in ("incoming", "active", "deferred", "hold", "delivered", "bounced")}
+    out = {s: 0 for s in st.ALL}
     out.update(dict(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall()))
     return out
+
+
+def states_of(conn: sqlite3.Connection, ids: list[str]) -> dict[str, str]:
+    """The state of each of these messages that exists (id -> state)."""
+    if not ids:
+        return {}
+    return dict(conn.execute(f"SELECT id, state FROM messages WHERE id IN ({','.join('?' * len(ids))})",
+                             ids).fetchall())
 
 
 def list_messages(conn: sqlite3.Connection, *, states: list[str] | None = None, search: str = "",
                   limit: int = 100) -> list[dict]:
     sql = ("SELECT m.id, m.state, m.mail_from, m.message_id, m.size, m.received_at, m.next_attempt, "
-           "m.attempts, m.last_error, (SELECT group_concat(recipient, ', ') FROM message_recipients r "
+           "m.attempts, m.last_error, m.reason, (SELECT group_concat(recipient, ', ') FROM message_recipients r "
            "WHERE r.message_id = m.id) AS recipients FROM messages m")
     where, args = [], []
     if states:
@@ -398,16 +419,21 @@ def rejects(conn: sqlite3.Connection, *, since: float | None = None, client: str
             limit: int = 100) -> list[dict]:
     """Refused commands (reject and tempfail verdicts), newest first, with the client and
     the transaction's sender: a queued message's envelope sender, else the MAIL verdict
-    that came last before the refusal on the same connection."""
+    that came last before the refusal on the same connection. A recipient refused in a
+    transaction that queued mail for others is kept with the connection; its
+    ``queue_id`` is then that of the message its MAIL verdict went with."""
+    last_mail = ("(SELECT {col} FROM verdicts s WHERE s.connection_id = v.connection_id "
+                 "AND s.phase = 'mail' AND s.seq < v.seq ORDER BY s.seq DESC LIMIT 1)")
     inner = (
         "SELECT v.at, v.connection_id AS connection, coalesce(c.peer_ip, m.client_ip) AS client, "
         "c.helo, coalesce(c.listener, m.listener) AS listener, v.phase, "
         "CASE WHEN v.phase = 'mail' THEN v.subject "
         "WHEN m.id IS NOT NULL THEN CASE m.mail_from WHEN '' THEN '<>' ELSE m.mail_from END "
-        "ELSE (SELECT s.subject FROM verdicts s WHERE s.connection_id = v.connection_id "
-        "AND s.phase = 'mail' AND s.message_id IS NULL AND s.seq < v.seq ORDER BY s.seq DESC LIMIT 1) "
+        f"ELSE {last_mail.format(col='s.subject')} "
         "END AS sender, CASE WHEN v.phase = 'rcpt' THEN v.subject END AS recipient, "
-        "v.check_name AS \"check\", v.symbol, v.action, v.reply, v.detail, v.message_id AS queue_id "
+        "v.check_name AS \"check\", v.symbol, v.action, v.reply, v.detail, "
+        "coalesce(v.message_id, CASE WHEN v.phase = 'rcpt' THEN "
+        f"{last_mail.format(col='s.message_id')} END) AS queue_id "
         "FROM verdicts v LEFT JOIN connections c ON c.id = v.connection_id "
         "LEFT JOIN messages m ON m.id = v.message_id WHERE v.action IN ('reject', 'tempfail')")
     args: list = []

@@ -1,6 +1,7 @@
 """Message lists (the queue, the quarantine) and the message detail: filter, open,
 retry, hold/release, delete. Both share one shape; ``KIND`` picks the list and which
-actions apply. Lists come from the engine, or from the store when it is down."""
+actions apply. Lists come from the engine, or from the store when it is down.
+Releasing a quarantined message delivers what the policy kept back: it asks first."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, Label, Static
 
 from ..feed import LiveState
+from mailbox_guard.queue import states as st
+
 from ..format import clock_time, plain, plain_block, relative, size
 from ..messages import MessagesChanged
 from ..source import KINDS, ControlCallError, EngineNotRunning, MessageKind, StoreUnavailable
@@ -52,8 +55,27 @@ class MessageActions:
 
     def action_hold_message(self) -> None:
         picked = self.selected()
-        if picked is not None:
-            self._start("release" if picked[1].get("state") == "hold" else "hold")
+        if picked is None:
+            return
+        key, row = picked
+        if row.get("state") == st.QUARANTINE:
+            self._ask_release(key, row)
+        else:
+            self._start("release" if row.get("state") == st.HOLD else "hold", key)
+
+    def _ask_release(self, key: str, row: dict) -> None:
+        body = Text("Release message ")
+        body.append(key, style="bold")
+        body.append(" from ")
+        body.append_text(plain(row.get("mail_from") or "<>", 80))
+        body.append(" for delivery? The policy kept it back: ")
+        body.append_text(plain(row.get("reason") or "no reason recorded", 200))
+        body.append(".")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._start("release", key)
+        self.app.push_screen(ConfirmScreen("Release from quarantine?", body, "Release"), answered)
 
     def action_delete_message(self) -> None:
         picked = self.selected()
@@ -144,9 +166,12 @@ class MessageListScreen(MessageActions, LiveScreen):
     def VIEW(self) -> str:          # type: ignore[override]
         return self.KIND
 
+    TABLE: ClassVar[type[MessageTable]] = MessageTable
+    DETAIL: ClassVar[type["MessageDetailScreen"]]       # set below, once the class exists
+
     def compose_view(self) -> ComposeResult:
         yield FilterBar("queue id, sender, recipient or Message-ID")
-        yield MessageTable(self.dash.clock, id="messages")
+        yield self.TABLE(self.dash.clock, id="messages")
         yield Static(id="list-note")
         yield Static(id="preview")
 
@@ -165,7 +190,8 @@ class MessageListScreen(MessageActions, LiveScreen):
         self.run_worker(self._load, group="load", exclusive=True)
 
     async def _load(self) -> None:
-        states = None if self.state_index == 0 else [self.kind.states[self.state_index - 1]]
+        states = list(self.kind.states) if self.state_index == 0 else [self.kind.states[self.state_index - 1]]
+        filtered = bool(self.search or self.state_index)
         note = self.query_one("#list-note", Static)
         try:
             page = await self.dash.source.list_messages(self.KIND, states=states, search=self.search,
@@ -180,10 +206,8 @@ class MessageListScreen(MessageActions, LiveScreen):
         self._loaded_at = time.monotonic()
         self.table.sync((r["id"], r) for r in page.rows)
         lines = []
-        if page.note and not page.rows:
-            lines.append(page.note)
-        elif not page.rows:
-            lines.append("No messages match." if self.search or states else f"The {self.kind.name} is empty.")
+        if not page.rows:
+            lines.append("No messages match." if filtered else page.note or f"The {self.kind.name} is empty.")
         if page.origin == "store":
             lines.append("Read from the store (engine not running); actions need the engine.")
         if len(page.rows) >= LIST_LIMIT:
@@ -258,7 +282,7 @@ class MessageListScreen(MessageActions, LiveScreen):
     def action_open(self) -> None:
         picked = self.selected()
         if picked is not None:
-            self.app.push_screen(MessageDetailScreen(self.KIND, picked[0]))
+            self.app.push_screen(self.DETAIL(self.KIND, picked[0]))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
@@ -275,10 +299,13 @@ class MessageListScreen(MessageActions, LiveScreen):
             text.append(f"{row.get('state')}", style="bold")
             text.append(f" · {size(row.get('size'))} · received {clock_time(row.get('received_at'), now)}"
                         f" · {row.get('attempts') or 0} attempt(s)")
-            if row.get("state") in ("incoming", "deferred") and row.get("next_attempt"):
+            if row.get("state") in st.DUE and row.get("next_attempt"):
                 text.append(f" · next {relative(row.get('next_attempt'), now)}")
             text.append("\n")
-            if row.get("last_error"):
+            if row.get("state") == st.QUARANTINE:
+                text.append("reason ", style="dim")
+                text.append_text(plain(row.get("reason"), 200))
+            elif row.get("last_error"):
                 text.append("last error ", style="dim")
                 text.append_text(plain(row.get("last_error"), 200))
             else:
@@ -386,8 +413,15 @@ class MessageDetailScreen(MessageActions, LiveScreen):
         grid.add_row("Received", Text(f"{clock_time(d.get('received_at'), now)} ({relative(d.get('received_at'), now)})"
                                       f" · {size(d.get('size'))} · client {d.get('client_ip') or '-'}"
                                       f" · conn {d.get('connection_id') or '-'}"))
+        if d.get("reason"):
+            released = "" if d.get("state") == st.QUARANTINE else " (released since)"
+            grid.add_row("Quarantined", Text.assemble(plain(d.get("reason"), 300), released))
+        # The HELO name and the login are the client's text: plain, never markup.
+        grid.add_row("Session", plain(", ".join((
+            f"HELO {d.get('helo') or '-'}", f"TLS {d['tls']}" if d.get("tls") else "no TLS",
+            f"authenticated as {d['auth_user']}" if d.get("auth_user") else "not authenticated")), 300))
         attempts = f"{d.get('attempts') or 0} attempt(s)"
-        if d.get("state") in ("incoming", "deferred") and d.get("next_attempt"):
+        if d.get("state") in st.DUE and d.get("next_attempt"):
             attempts += f" · next {clock_time(d.get('next_attempt'), now)} ({relative(d.get('next_attempt'), now)})"
         grid.add_row("Attempts", Text(attempts))
         if d.get("last_error"):
@@ -420,3 +454,6 @@ class MessageDetailScreen(MessageActions, LiveScreen):
     def live_update(self, state: LiveState, events: list[dict], first: bool) -> None:
         if any(e.get("id") == self.key and e.get("topic") in ("delivery",) for e in events):
             self.reload()
+
+
+MessageListScreen.DETAIL = MessageDetailScreen

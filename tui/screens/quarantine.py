@@ -1,10 +1,21 @@
-"""The quarantine, in the queue's shape. It is filled by the scanning issue; until
-the engine offers ``quarantine.*`` control methods the list is empty and says why."""
+"""The quarantine: the messages the policy kept back (queue state quarantine), with
+their reason. Release delivers one (after a confirmation); delete drops it."""
 
 from __future__ import annotations
 
-from .messages import MessageListScreen
+from textual.binding import Binding
+
+from ..widgets import QuarantineTable
+from .messages import MessageDetailScreen, MessageListScreen
+
+
+class QuarantineDetailScreen(MessageDetailScreen):
+    BINDINGS = [Binding("h", "hold_message", "Release")]
 
 
 class QuarantineScreen(MessageListScreen):
     KIND = "quarantine"
+    TABLE = QuarantineTable
+    DETAIL = QuarantineDetailScreen
+
+    BINDINGS = [Binding("h", "hold_message", "Release")]

@@ -1,4 +1,5 @@
-"""Queue size by state, on one line, colour by urgency."""
+"""Queue size by state, colour by urgency: what waits on one line, what is done on
+the next."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-STATES = ("incoming", "active", "deferred", "hold", "delivered", "bounced")
-STYLES = {"deferred": "yellow", "hold": "magenta", "bounced": "red", "active": "cyan"}
+from mailbox_guard.queue import states as st
+
+STYLES = {"deferred": "yellow", "hold": "magenta", "quarantine": "magenta", "bounced": "red", "active": "cyan"}
 
 
 class QueueCounts(Static):
     DEFAULT_CSS = """
     QueueCounts {
-        height: 1;
+        height: 2;
     }
     """
 
@@ -25,12 +27,14 @@ class QueueCounts(Static):
         if self.counts is None:
             text.append("unknown", style="dim")
             return text
-        for i, state in enumerate(STATES):
-            n = int(self.counts.get(state, 0))
-            if i:
-                text.append(" · ", style="dim")
-            text.append(f"{state} ")
-            text.append(str(n), style=f"bold {STYLES.get(state, '')}" if n else "dim")
+        for label, group in (("", st.WAITING), ("\ndone  ", st.DONE)):
+            text.append(label, style="bold")
+            for i, state in enumerate(group):
+                n = int(self.counts.get(state, 0))
+                if i:
+                    text.append(" · ", style="dim")
+                text.append(f"{state} ")
+                text.append(str(n), style=f"bold {STYLES.get(state, '')}" if n else "dim")
         if self.origin:
             text.append(f" ({self.origin})", style="dim")
         return text

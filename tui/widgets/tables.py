@@ -88,8 +88,8 @@ class ConnectionTable(KeyedTable):
                 Text(duration(row.get("age")), justify="right")]
 
 
-STATE_STYLES = {"deferred": "yellow", "hold": "magenta", "bounced": "red", "active": "cyan",
-                "delivered": "green", "incoming": ""}
+STATE_STYLES = {"deferred": "yellow", "hold": "magenta", "quarantine": "bold magenta", "bounced": "red",
+                "active": "cyan", "delivered": "green", "incoming": ""}
 
 
 class MessageTable(KeyedTable):
@@ -107,6 +107,17 @@ class MessageTable(KeyedTable):
         return [Text(str(row.get("id"))), Text(state, style=STATE_STYLES.get(state, "")),
                 plain(row.get("mail_from") if row.get("mail_from") != "" else "<>", 120),
                 plain(row.get("recipients"), 200), Text(age, justify="right")]
+
+
+class QuarantineTable(MessageTable):
+    """Quarantined messages: why they were kept back instead of a state (all share one)."""
+
+    COLUMNS = (("id", "ID", 20), ("from", "From", 17), ("to", "To", 13), ("reason", "Reason", 13),
+               ("age", "Age", 6))
+
+    def cells(self, row: dict) -> Cells:
+        id_, _, sender, to, age = super().cells(row)
+        return [id_, sender, to, plain(row.get("reason"), 200), age]
 
 
 KIND_STYLES = {"ip": "cyan", "user": "magenta"}

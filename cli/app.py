@@ -17,8 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.commands import (auth, config, connections, domains, listeners, messages, networks, policy, queue,
-                          recipients, rejects, tls, users)
+from cli.commands import (auth, checks, config, connections, domains, listeners, messages, networks, policy,
+                          queue, recipients, rejects, tls, users)
 from cli.common import DEFAULT_HOME, HOME_ENV, JSON, control, emit_json, guarded, read_store, state
 from mailbox_guard.config import SettingError, parse_endpoint, parse_hostport
 
@@ -29,7 +29,7 @@ app = typer.Typer(
 for module, name in ((domains, "domains"), (recipients, "recipients"), (networks, "networks"),
                      (listeners, "listeners"), (config, "config"), (queue, "queue"),
                      (connections, "connections"), (messages, "messages"), (tls, "tls"),
-                     (users, "users"), (auth, "auth"), (policy, "policy")):
+                     (users, "users"), (auth, "auth"), (policy, "policy"), (checks, "checks")):
     app.add_typer(module.app, name=name)
 app.command("rejects")(rejects.rejects)
 

@@ -40,11 +40,24 @@ TABLE = [
     ("config get", ["smtp.max_recipients"], False, 0),
     ("config set", ["smtp.max_recipients", "500"], False, 0),
     ("config unset", ["smtp.max_recipients"], False, 0),
+    ("config set", ["actions.reject", "10", "--domain", "example.test"], False, 0),
+    ("config set", ["smtp.timeout", "30s", "--domain", "example.test"], False, 1),   # not a scoped setting
+    ("config show", ["--domain", "example.test"], True, 0),
+    ("config show", ["--user", "bob@example.test", "--changed"], True, 0),
+    ("config unset", ["actions.reject", "--domain", "example.test"], False, 0),
+    ("checks list", [], True, 0),
+    ("checks list", ["--user", "bob@example.test"], True, 0),
+    ("checks mode", ["rcpt_recipients", "warn", "--domain", "example.test"], False, 0),
+    ("checks mode", ["rcpt_relay", "off"], False, 1),                               # never weakened
+    ("checks mode", ["rcpt_recipients", "sometimes"], False, 1),
+    ("checks reset", ["rcpt_recipients", "--domain", "example.test"], False, 0),
+    ("checks reset", ["no_such_check"], False, 1),
     ("config export", [], False, 0),
     ("config import", ["{policy}", "--dry-run"], True, 0),
     ("config import", ["{policy}", "--yes"], True, 0),
     ("config import", ["{policy}", "--replace", "--dry-run"], True, 0),
     ("queue list", [], True, 0),
+    ("queue list", ["--state", "quarantine"], True, 0),
     ("queue show", ["{id}"], True, 0),
     ("queue show", ["{id}", "--raw"], False, 0),
     ("queue show", ["{id}", "--body"], False, 0),
@@ -82,7 +95,7 @@ TABLE = [
     ("auth gssapi", ["--keytab", "/nonexistent.keytab", "--principal", "smtp/gw.test"], False, 1),
     ("tls install", ["--cert", "/nonexistent.pem", "--key", "/nonexistent.key"], False, 1),
 ]
-ELSEWHERE = {"serve": "tests/test_lifecycle.py", "tui": "tests/test_tui.py"}
+ELSEWHERE = {"serve": "tests/test_lifecycle.py", "tui": "tests/test_tui.py", "policy test": "tests/test_decision.py"}
 
 
 def leaf_commands() -> set[str]:

@@ -108,6 +108,10 @@ def build_policy(home, sink_hop: str) -> None:
     ok(home, "users", "alias", "alice@example.test", "sales@example.test")
     add_user(home, "dave@exämple.org")
     ok(home, "users", "disable", "dave@exämple.org")
+    ok(home, "config", "set", "actions.reject", "10", "--domain", "example.test")
+    ok(home, "config", "set", "actions.subject_prefix", "[SPAM]", "--user", "bob@example.test")
+    ok(home, "checks", "mode", "rcpt_recipients", "warn", "--user", "bob@example.test")
+    ok(home, "checks", "mode", "data_hops", "off")
 
 
 def views(home) -> dict:
@@ -230,6 +234,59 @@ def test_import_refuses_unknown_formats_and_asks_on_a_terminal(tmp_path):
     assert ok(home, "config", "export") == before
     code, seen = on_terminal(home, "config", "import", str(policy), answer="y")
     assert code == 0 and ok(home, "config", "get", "smtp.max_recipients").strip() == "50"
+
+
+def test_scoped_settings_and_check_modes_export_import_and_diff(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_policy(a, "127.0.0.1:9")
+    ok(a, "config", "set", "actions.tag", "3", "--domain", "exämple.org")
+    doc = exported(a)
+    assert doc["scoped_settings"] == {"bob@example.test": {"actions.subject_prefix": "[SPAM]"},
+                                      "example.test": {"actions.reject": "10"},
+                                      "xn--exmple-cua.org": {"actions.tag": "3"}}
+    assert doc["check_modes"] == [{"check": "data_hops", "mode": "off"},
+                                  {"check": "rcpt_recipients", "mode": "warn", "scope": "bob@example.test"}]
+    backup = ok(a, "config", "export")
+    dry = ok(b, "config", "import", "-", "--dry-run", input=backup)
+    assert "~ setting actions.reject for example.test: (unset) -> 10" in dry
+    assert "~ check data_hops for the server: (default) -> off" in dry
+    assert "~ check rcpt_recipients for bob@example.test: (default) -> warn" in dry
+    ok(b, "config", "import", "-", input=backup)
+    assert ok(b, "config", "export") == backup
+    assert [r["server"] for r in json.loads(ok(b, "checks", "list", "--json")) if r["name"] == "data_hops"] == ["off"]
+    assert ok(b, "config", "import", "-", input=backup).strip() == "no changes"
+
+    # A file without the sections leaves them alone; --replace empties them.
+    ok(b, "config", "import", "-", input='format = 1\n[settings]\n')
+    assert exported(b)["check_modes"] == doc["check_modes"] and exported(b)["scoped_settings"] == doc["scoped_settings"]
+    one = ok(b, "config", "import", "-", input='format = 1\n[[check_modes]]\ncheck = "data_hops"\nmode = "warn"\n')
+    assert one.splitlines() == ["~ check data_hops for the server: off -> warn",
+                                "~ check rcpt_recipients for bob@example.test: warn -> (default)"]
+    assert exported(b)["scoped_settings"] == doc["scoped_settings"]
+    # A domain that goes takes its settings and modes (the diff says so).
+    out = ok(b, "config", "import", "-", input='format = 1\n[[domains]]\nname = "example.test"\n')
+    assert "~ setting actions.tag for xn--exmple-cua.org: 3 -> (unset)" in out
+    assert exported(b)["scoped_settings"] == {k: v for k, v in doc["scoped_settings"].items()
+                                              if not k.endswith("xn--exmple-cua.org")}
+    ok(b, "config", "import", "-", "--replace", input='format = 1\n[[domains]]\nname = "example.test"\n')
+    assert exported(b)["check_modes"] == [] and exported(b)["scoped_settings"] == {}
+
+    # Bad sections: one line, nothing changed.
+    before = ok(a, "config", "export")
+    for text, says in (
+            ('[[check_modes]]\ncheck = "rcpt_relay"\nmode = "off"\n', "rcpt_relay is always enforced"),
+            ('[[check_modes]]\ncheck = "rcpt_nothing"\nmode = "warn"\n', "unknown check 'rcpt_nothing'"),
+            ('[[check_modes]]\ncheck = "data_hops"\nmode = "sometimes"\n', "unknown mode 'sometimes'"),
+            ('[[check_modes]]\ncheck = "data_hops"\nmode = "warn"\nscope = "elsewhere.test"\n',
+             "elsewhere.test is not a domain in the policy"),
+            ('[[check_modes]]\ncheck = "data_hops"\nmode = "warn"\n[[check_modes]]\ncheck = "data_hops"\n'
+             'mode = "off"\n', "listed twice"),
+            ('[scoped_settings."example.test"]\n"smtp.timeout" = "3s"\n', "applies to the whole server"),
+            ('[scoped_settings."example.test"]\n"actions.reject" = "lots"\n', "not a score"),
+            ('[scoped_settings."a@elsewhere.test"]\n"actions.reject" = "10"\n', "a@elsewhere.test is not a domain"),
+            ('[scoped_settings.""]\n"actions.reject" = "10"\n', "go in [settings]")):
+        assert says in refused(a, "config", "import", "-", input="format = 1\n" + text), text
+    assert ok(a, "config", "export") == before
 
 
 # ----------------------------------------------------------------- recipients import

@@ -120,3 +120,105 @@ def test_a_version_1_store_migrates_to_the_current_schema(tmp_path):
 
     assert shape(old / store.DB_NAME) == shape(fresh)
     assert store.PolicyStore(old / store.DB_NAME).domains()[0].name == "kept.test"
+
+
+def _v3_store(path):
+    """A store as schema version 3 made it (tests/data/schema-v3.sql is that
+    schema.sql), holding a queued message with its body, recipients and verdicts, a
+    domain, a user and a ban."""
+    conn = sqlite3.connect(path)
+    conn.executescript((ROOT / "tests" / "data" / "schema-v3.sql").read_text())
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO domains (name, next_hop, created_at) VALUES ('kept.test', NULL, 0)")
+    conn.execute("INSERT INTO users (name, domain, password_hash, created_at, changed_at) "
+                 "VALUES ('alice@kept.test', 'kept.test', '$argon2id$x', 0, 0)")
+    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', '192.0.2.7', 9e9, 10, 0)")
+    conn.execute("INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, attempts, "
+                 "connection_id, listener, client_ip) VALUES ('M1', 'deferred', 'a@b.test', '<m1@b.test>', 5, 1, 2, 1, "
+                 "'C1', 'inbound', '192.0.2.1')")
+    conn.execute("INSERT INTO message_bodies (message_id, data) VALUES ('M1', X'68656c6c6f')")
+    conn.execute("INSERT INTO message_recipients (message_id, recipient, domain, state) VALUES "
+                 "('M1', 'bob@kept.test', 'kept.test', 'pending'), ('M1', 'carol@kept.test', 'kept.test', 'pending')")
+    conn.execute("INSERT INTO verdicts (connection_id, message_id, seq, at, phase, check_name, symbol, action) "
+                 "VALUES ('C1', 'M1', 1, 1, 'rcpt', 'rcpt_relay', 'RELAY_GUARDED_DOMAIN', 'accept')")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_3_store_migrates_to_4_with_its_queue_intact(tmp_path):
+    home = tmp_path / "old"
+    home.mkdir()
+    path = home / store.DB_NAME
+    _v3_store(path)
+    store.initialise(path)
+    conn = store.connect(path)
+    conn.row_factory = sqlite3.Row
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert dict(conn.execute("SELECT id, state, mail_from, size, attempts, connection_id, reason, helo, tls, "
+                             "auth_user FROM messages").fetchone()) == {
+        "id": "M1", "state": "deferred", "mail_from": "a@b.test", "size": 5, "attempts": 1, "connection_id": "C1",
+        "reason": None, "helo": None, "tls": None, "auth_user": None}
+    assert bytes(conn.execute("SELECT data FROM message_bodies WHERE message_id = 'M1'").fetchone()[0]) == b"hello"
+    assert [r[0] for r in conn.execute("SELECT recipient FROM message_recipients WHERE message_id = 'M1' "
+                                       "ORDER BY recipient")] == ["bob@kept.test", "carol@kept.test"]
+    assert [r[0] for r in conn.execute("SELECT symbol FROM verdicts WHERE message_id = 'M1'")] == ["RELAY_GUARDED_DOMAIN"]
+    # The rebuilt table keeps its indexes, and the body still hangs on the message.
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'messages'")}
+    assert {"messages_due", "messages_msgid"} <= names
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.execute("DELETE FROM messages WHERE id = 'M1'")
+    assert conn.execute("SELECT count(*) FROM message_bodies").fetchone()[0] == 0        # ON DELETE CASCADE
+    # Quarantine is a state now; runtime state is off the policy version, bans have their own.
+    conn.execute("INSERT INTO messages (id, state, mail_from, size, received_at, next_attempt, reason) "
+                 "VALUES ('M2', 'quarantine', '', 1, 1, 1, 'score 20')")
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO messages (id, state, mail_from, size, received_at, next_attempt) "
+                     "VALUES ('M3', 'limbo', '', 1, 1, 1)")
+    policy, bans = store.state_versions(conn)
+    conn.execute("UPDATE users SET disabled = 1")
+    conn.execute("INSERT INTO user_secrets (user, mechanism, secret) VALUES ('alice@kept.test', 'SCRAM-SHA-256', 's')")
+    conn.execute("DELETE FROM users")
+    assert store.state_versions(conn) == (policy, bans)
+    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', '192.0.2.8', 9e9, 10, 0)")
+    conn.execute("UPDATE auth_bans SET failures = 11 WHERE key = '192.0.2.8'")
+    conn.execute("DELETE FROM auth_bans WHERE key = '192.0.2.8'")
+    assert store.state_versions(conn) == (policy, bans + 3)
+    # The new policy tables bump the policy version.
+    conn.execute("INSERT INTO scoped_settings (scope, key, value) VALUES ('kept.test', 'actions.reject', '10')")
+    conn.execute("INSERT INTO check_modes (check_name, scope, mode) VALUES ('rcpt_recipients', '', 'warn')")
+    assert store.state_versions(conn) == (policy + 2, bans + 3)
+    conn.close()
+    # And the store has exactly the shape of a fresh one.
+    fresh = store.ensure_home(tmp_path / "fresh")
+    assert _shape(path) == _shape(fresh)
+
+
+def _shape(path):
+    c = sqlite3.connect(path)
+    tables = {r[0]: sorted(col[1] for col in c.execute(f"PRAGMA table_info({r[0]})"))
+              for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    others = sorted((r[0], r[1]) for r in c.execute("SELECT name, sql FROM sqlite_master WHERE type != 'table'"))
+    c.close()
+    return tables, others
+
+
+def test_delivery_leases_only_due_mail_never_held_or_quarantined(tmp_path):
+    from mailbox_guard.queue import ops as q
+    from mailbox_guard.queue import states
+    path = store.ensure_home(tmp_path / "h")
+    conn = store.connect(path)
+    for state in states.ALL:
+        conn.execute("INSERT INTO messages (id, state, mail_from, size, received_at, next_attempt) "
+                     "VALUES (?, ?, '', 1, 0, 0)", (state.upper(), state))
+    assert sorted(q.lease_due(conn, now=100, limit=100, lease_seconds=60)) == ["DEFERRED", "INCOMING"]
+    assert q.next_due(conn) is None                    # nothing else is due, ever
+    assert q.lease_due(conn, now=10**9, limit=100, lease_seconds=60) == []
+    # A crashed engine's leases come back as deferred; parked mail stays parked.
+    assert q.recover_leases(conn, now=100, expired_only=False) == 3        # ACTIVE, and the two just leased
+    left = dict(conn.execute("SELECT id, state FROM messages"))
+    assert (left["HOLD"], left["QUARANTINE"]) == ("hold", "quarantine")
+    assert q.counts_by_state(conn) == {"incoming": 0, "active": 0, "deferred": 3, "hold": 1, "quarantine": 1,
+                                       "delivered": 1, "bounced": 1}
+    q.flush(conn, now=200)
+    assert dict(conn.execute("SELECT id, next_attempt FROM messages WHERE id = 'QUARANTINE'"))["QUARANTINE"] == 0
+    conn.close()

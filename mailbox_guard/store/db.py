@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mailbox_guard.config import SETTINGS, SettingError, parse_endpoint, parse_setting
+from mailbox_guard.model import Mode
 
 log = logging.getLogger("mailbox_guard.store")
 
@@ -613,6 +614,7 @@ class PolicyStore:
                 return None
             conn.execute("DELETE FROM users WHERE domain = ?", (name,))
             conn.execute("DELETE FROM password_policy WHERE scope = ?", (name,))
+            _forget_scopes(conn, name)
             return gone
 
     def domain(self, name: str) -> dict:
@@ -770,6 +772,126 @@ class PolicyStore:
     def settings(self) -> dict[str, str]:
         with self._tx() as conn:
             return {r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")}
+
+
+    # scopes: the server (''), a guarded domain, or an address of a guarded domain
+    def scope_of(self, domain: str | None = None, user: str | None = None) -> str:
+        """The scope ``--domain`` / ``--user`` name, normalised and checked: '' for the
+        server, a guarded domain, or an address (a user's or any recipient's) of a
+        guarded domain. SettingError (one line) otherwise."""
+        if domain is not None and user is not None:
+            raise SettingError("give a domain or a user, not both")
+        if domain is None and user is None:
+            return ""
+        scope = normalise_scope(user if user is not None else domain, user=user is not None)
+        with self._tx() as conn:
+            _check_scope(conn, scope)
+        return scope
+
+    def set_scoped_setting(self, scope: str, key: str, value: str) -> Any:
+        """A domain's or a user's own value of a scoped setting (validated by the setting)."""
+        scope = normalise_scope(scope)
+        if not scope:
+            return self.set_setting(key, value)
+        parsed = parse_scoped_setting(key, value)
+        with self._tx() as conn:
+            _check_scope(conn, scope)
+            conn.execute("INSERT INTO scoped_settings (scope, key, value) VALUES (?, ?, ?) "
+                         "ON CONFLICT(scope, key) DO UPDATE SET value = excluded.value", (scope, key, str(value)))
+        return parsed
+
+    def unset_scoped_setting(self, scope: str, key: str) -> bool:
+        scope = normalise_scope(scope)
+        if not scope:
+            return self.unset_setting(key)
+        parse_scoped_setting(key, None)
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM scoped_settings WHERE scope = ? AND key = ?",
+                                (scope, key)).rowcount > 0
+
+    def scoped_settings(self, scope: str | None = None) -> list[dict]:
+        """Rows {scope, key, value}: of one scope, or of every scope."""
+        with self._tx() as conn:
+            if scope is None:
+                rows = conn.execute("SELECT scope, key, value FROM scoped_settings ORDER BY scope, key")
+            else:
+                rows = conn.execute("SELECT scope, key, value FROM scoped_settings WHERE scope = ? ORDER BY key",
+                                    (normalise_scope(scope),))
+            return [dict(r) for r in rows]
+
+    # check modes (which checks exist is the caller's to know: the store knows no checks)
+    def set_check_mode(self, check: str, mode: str, scope: str = "") -> str:
+        scope, mode = normalise_scope(scope), parse_mode(mode)
+        with self._tx() as conn:
+            _check_scope(conn, scope)
+            conn.execute("INSERT INTO check_modes (check_name, scope, mode) VALUES (?, ?, ?) "
+                         "ON CONFLICT(check_name, scope) DO UPDATE SET mode = excluded.mode", (check, scope, mode))
+        return mode
+
+    def reset_check_mode(self, check: str, scope: str = "") -> bool:
+        """Remove a scope's own mode for a check; False when it had none."""
+        with self._tx() as conn:
+            return conn.execute("DELETE FROM check_modes WHERE check_name = ? AND scope = ?",
+                                (check, normalise_scope(scope))).rowcount > 0
+
+    def check_modes(self) -> list[dict]:
+        """Rows {check, scope, mode}, the server's ('') first."""
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(
+                "SELECT check_name AS \"check\", scope, mode FROM check_modes ORDER BY check_name, scope != '', scope")]
+
+
+MODES = tuple(m.value for m in Mode)
+
+
+def parse_mode(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in MODES:
+        raise SettingError(f"unknown mode {text!r} (enforce, warn or off)")
+    return value
+
+
+def parse_scoped_setting(key: str, value: str | None) -> Any:
+    """Check that ``key`` may be set per domain or user, and parse ``value`` (unless None)."""
+    setting = SETTINGS.get(key)
+    if setting is None:
+        raise SettingError(f"unknown setting {key!r}; `mailbox-guard config show` lists them")
+    if not setting.scoped:
+        scoped = ", ".join(k for k, s in SETTINGS.items() if s.scoped)
+        raise SettingError(f"{key} applies to the whole server; only these may be set per domain or user: {scoped}")
+    return None if value is None else setting.parse(value)
+
+
+def normalise_scope(text: str, *, user: bool | None = None) -> str:
+    """A scope as stored: '' (the server), a domain, or an address (``user``: must be
+    an address; False: must be a domain; None: either, by the '@')."""
+    text = str(text or "").strip()
+    if not text:
+        if user is None:
+            return ""
+        raise SettingError(f"an empty {'user' if user else 'domain'} is not a scope")
+    if user or (user is None and "@" in text):
+        # Lower-cased whole: the policy looks recipients up that way.
+        return normalise_address(text).lower()
+    if "@" in text:
+        raise SettingError(f"{text!r} is an address, not a domain (use --user for one address)")
+    return normalise_domain(text)
+
+
+def _check_scope(conn: sqlite3.Connection, scope: str) -> None:
+    if not scope:
+        return
+    domain = scope.rpartition("@")[2]
+    if conn.execute("SELECT 1 FROM domains WHERE name = ?", (domain,)).fetchone() is None:
+        what = f"{scope}: " if "@" in scope else ""
+        raise SettingError(f"{what}{domain} is not a guarded domain; add it with `mailbox-guard domains add {domain}`")
+
+
+def _forget_scopes(conn: sqlite3.Connection, domain: str) -> None:
+    """A domain that goes takes its own and its addresses' settings and check modes."""
+    like = "%@" + domain.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    for table in ("scoped_settings", "check_modes"):
+        conn.execute(f"DELETE FROM {table} WHERE scope = ? OR scope LIKE ? ESCAPE '\\'", (domain, like))
 
 
 def policy_sections(conn: sqlite3.Connection) -> dict[str, Any]:

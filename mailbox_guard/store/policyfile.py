@@ -3,25 +3,31 @@ from the store, validated, merged, diffed and applied in one transaction.
 
 The document is a backup: settings, the server's password policy, domains with every
 option (next hop, anti-impersonation, legacy SASL mechanisms, password policy),
-recipients, trusted networks, listeners, and users with their password hashes,
-derived SASL secrets and aliases. An import replaces only the sections the file has;
+recipients, trusted networks, listeners, users with their password hashes, derived
+SASL secrets and aliases, the settings of domains and users (``scoped_settings``) and
+the check modes (``check_modes``). An import replaces only the sections the file has;
 the others are left alone unless ``replace`` is asked for.
+
+Which checks exist is not the store's to know: the caller passes them to
+:func:`parse_policy` (name -> whether its mode is fixed) to have check modes checked.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import tomli_w
 
 from mailbox_guard.config import SETTINGS, SettingError, parse_setting
 from mailbox_guard.store.db import (PolicyStore, normalise_address, normalise_domain, normalise_network,
-                    normalise_next_hop, open_relay_networks)
+                                    normalise_next_hop, normalise_scope, open_relay_networks, parse_mode,
+                                    parse_scoped_setting)
 
 FORMAT = 1
-SECTIONS = ("settings", "password_policy", "domains", "recipients", "networks", "listeners", "users")
+SECTIONS = ("settings", "password_policy", "domains", "recipients", "networks", "listeners", "users",
+            "scoped_settings", "check_modes")
 LEGACY = ("CRAM-MD5", "DIGEST-MD5")
 _DEFAULT_POLICY = {"min_length": 12, "min_classes": 3, "reject_common": True, "reject_name": True}
 
@@ -30,7 +36,8 @@ _DEFAULT_POLICY = {"min_length": 12, "min_classes": 3, "reject_common": True, "r
 # {field: value}; domains {name: {next_hop, anti_impersonation, mechanisms, password_policy}};
 # recipients [address]; networks {cidr: {comment}}; listeners {name: {kind, address,
 # require_auth, plaintext_auth}}; users {name: {domain, disabled, password_hash,
-# changed_at, aliases, secrets}}.
+# changed_at, aliases, secrets}}; scoped_settings {scope: {key: text}}; check_modes
+# {scope: {check: mode}} (scope '' is the server).
 def _policy(row) -> dict:
     return {"min_length": int(row["min_length"]), "min_classes": int(row["min_classes"]),
             "reject_common": bool(row["reject_common"]), "reject_name": bool(row["reject_name"])}
@@ -70,7 +77,16 @@ def read_state(store: PolicyStore) -> dict[str, Any]:
                                       "plaintext_auth": bool(r["plaintext_auth"])}
                           for r in conn.execute("SELECT * FROM listeners ORDER BY name")},
             "users": users,
+            "scoped_settings": _by_scope(conn.execute("SELECT scope, key, value FROM scoped_settings")),
+            "check_modes": _by_scope(conn.execute("SELECT scope, check_name, mode FROM check_modes")),
         }
+
+
+def _by_scope(rows) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for scope, name, value in rows:
+        out.setdefault(scope.lower(), {})[name] = value
+    return {scope: dict(sorted(out[scope].items())) for scope in sorted(out)}
 
 
 def _address(host: str, port: int) -> str:
@@ -108,6 +124,9 @@ def to_document(state: dict[str, Any]) -> dict[str, Any]:
                        **({"plaintext_auth": True} if r["plaintext_auth"] else {})}
                       for n, r in state["listeners"].items()],
         "users": users,
+        "scoped_settings": {scope: dict(values) for scope, values in state["scoped_settings"].items()},
+        "check_modes": [{"check": check, "mode": mode, **({"scope": scope} if scope else {})}
+                        for scope, modes in state["check_modes"].items() for check, mode in modes.items()],
     }
 
 
@@ -121,8 +140,10 @@ def dump_policy(policy: dict[str, Any]) -> str:
             + tomli_w.dumps(policy))
 
 
-def parse_policy(doc: dict[str, Any]) -> dict[str, Any]:
-    """Validate and normalise a document into the sections it has (SettingError, one line)."""
+def parse_policy(doc: dict[str, Any], *, checks: Mapping[str, bool] | None = None) -> dict[str, Any]:
+    """Validate and normalise a document into the sections it has (SettingError, one
+    line). ``checks``: the checks there are (name -> its mode is fixed); given, check
+    modes must name one of them and leave a fixed one enforced."""
     if "format" not in doc:
         raise SettingError("not a mailbox-guard policy file: no 'format' key "
                            f"(`mailbox-guard config export` writes format = {FORMAT})")
@@ -136,6 +157,14 @@ def parse_policy(doc: dict[str, Any]) -> dict[str, Any]:
     for section in SECTIONS:
         if section in doc:
             out[section] = _PARSERS[section](doc[section])
+    if checks is not None:
+        for scope, modes in out.get("check_modes", {}).items():
+            for check, mode in modes.items():
+                if check not in checks:
+                    raise SettingError(f"check_modes: unknown check {check!r} (`mailbox-guard checks list` "
+                                       "shows them)")
+                if checks[check] and mode != "enforce":
+                    raise SettingError(f"check_modes: {check} is always enforced; it cannot be {mode}")
     return out
 
 
@@ -251,11 +280,47 @@ def _parse_users(value: Any) -> dict[str, dict]:
     return dict(sorted(users.items()))
 
 
+def _parse_scoped_settings(value: Any) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for scope, values in _expect(value, dict, "'scoped_settings'").items():
+        name = normalise_scope(scope)
+        if not name:
+            raise SettingError("scoped_settings: the server's settings go in [settings]")
+        _unique(out, name, "scoped_settings scope")
+        entries = {}
+        for key, text in _expect(values, dict, f"scoped_settings {name}").items():
+            try:
+                parse_scoped_setting(key, str(text))
+            except SettingError as exc:
+                raise SettingError(f"scoped_settings {name}: {exc}") from None
+            entries[key] = str(text)
+        if entries:
+            out[name] = dict(sorted(entries.items()))
+    return dict(sorted(out.items()))
+
+
+def _parse_check_modes(value: Any) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for entry in _entries(value, "check_modes", "check"):
+        unknown = set(entry) - {"check", "mode", "scope"}
+        if unknown or "mode" not in entry:
+            raise SettingError("each [[check_modes]] entry has check, mode and optionally scope "
+                               f"(got {', '.join(sorted(entry))})")
+        check, scope = str(entry["check"]), normalise_scope(str(entry.get("scope", "")))
+        modes = out.setdefault(scope, {})
+        if check in modes:
+            raise SettingError(f"check_modes: {check} at {scope or 'the server'} is listed twice")
+        modes[check] = parse_mode(str(entry["mode"]))
+    return {scope: dict(sorted(out[scope].items())) for scope in sorted(out)}
+
+
 _PARSERS = {"settings": _parse_settings, "password_policy": _parse_password_policy,
             "domains": _parse_domains, "recipients": _parse_recipients, "networks": _parse_networks,
-            "listeners": _parse_listeners, "users": _parse_users}
+            "listeners": _parse_listeners, "users": _parse_users,
+            "scoped_settings": _parse_scoped_settings, "check_modes": _parse_check_modes}
 EMPTY: dict[str, Any] = {"settings": {}, "password_policy": dict(_DEFAULT_POLICY), "domains": {},
-                         "recipients": [], "networks": {}, "listeners": {}, "users": {}}
+                         "recipients": [], "networks": {}, "listeners": {}, "users": {},
+                         "scoped_settings": {}, "check_modes": {}}
 
 
 # ------------------------------------------------------------------ merge, diff, apply
@@ -289,6 +354,18 @@ def merge(current: dict[str, Any], sections: dict[str, Any], *, replace: bool = 
         enabled = set(wanted["domains"].get(u["domain"], {}).get("mechanisms", ()))
         users[name] = {**u, "secrets": {m: s for m, s in u["secrets"].items() if m not in LEGACY or m in enabled}}
     wanted["users"] = users
+    # Settings and modes of a domain that goes, and of its addresses, go with it
+    # (as `domains remove` does); a file that gives them for a domain it lacks is wrong.
+    for section, label in (("scoped_settings", "scoped_settings"), ("check_modes", "check_modes")):
+        kept = {}
+        for scope, values in wanted[section].items():
+            domain = scope.rpartition("@")[2]
+            if scope and domain not in domains:
+                if section in sections:
+                    raise SettingError(f"{label}: {scope} is not a domain in the policy, nor an address of one")
+                continue
+            kept[scope] = values
+        wanted[section] = kept
     opened = open_relay_networks(set(wanted["networks"]) - set(current["networks"]))
     if opened and not force:
         raise SettingError(f"trusting {opened[0]} would make an open relay; add --force if you mean it")
@@ -324,6 +401,14 @@ def diff_policy(current: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     cur_r, new_r = set(current["recipients"]), set(wanted["recipients"])
     out += [f"- recipient {r}" for r in sorted(cur_r - new_r)]
     out += [f"+ recipient {r}" for r in sorted(new_r - cur_r)]
+    for section, label, absent in (("scoped_settings", "setting", "(unset)"), ("check_modes", "check", "(default)")):
+        cur, new = current[section], wanted[section]
+        for scope in sorted(cur.keys() | new.keys()):
+            a, b = cur.get(scope, {}), new.get(scope, {})
+            for name in sorted(a.keys() | b.keys()):
+                if a.get(name) != b.get(name):
+                    out.append(f"~ {label} {name} for {scope or 'the server'}: {a.get(name, absent)} -> "
+                               f"{b.get(name, absent)}")
     return out
 
 
@@ -411,6 +496,13 @@ def apply_policy(store: PolicyStore, current: dict[str, Any], wanted: dict[str, 
                              [(a, n) for n, u in wanted["users"].items() for a in u["aliases"]])
             conn.executemany("INSERT INTO user_secrets (user, mechanism, secret) VALUES (?, ?, ?)",
                              [(n, m, s) for n, u in wanted["users"].items() for m, s in u["secrets"].items()])
+        for section, table, columns in (("scoped_settings", "scoped_settings", "scope, key, value"),
+                                        ("check_modes", "check_modes", "scope, check_name, mode")):
+            if current[section] != wanted[section]:
+                conn.execute(f"DELETE FROM {table}")
+                conn.executemany(f"INSERT INTO {table} ({columns}) VALUES (?, ?, ?)",
+                                 [(scope, name, value) for scope, values in wanted[section].items()
+                                  for name, value in values.items()])
 
 
 def _set_policy(conn, scope: str, p: dict) -> None:

@@ -273,8 +273,8 @@ def test_quarantine_is_listed_shown_never_delivered_then_released_or_deleted(gat
     from tests.test_cli_policy import on_terminal
     gateway.policy().add_domain("example.test", sink.hop)
     assert add_user(gateway, "alice@example.test").returncode == 0
-    assert gateway.cli("config", "set", "--user", "bob@example.test", "--", "actions.quarantine", "-1").stdout.strip() == \
-        "actions.quarantine = -1 (user bob@example.test)"
+    out = gateway.cli("config", "set", "--user", "bob@example.test", "--", "actions.quarantine", "-1")
+    assert out.stdout.strip() == "actions.quarantine = -1 (user bob@example.test)"
     gateway.sub_port = free_port()
     gateway.start("--submission", f"127.0.0.1:{gateway.sub_port}")
     with submission(gateway) as s:

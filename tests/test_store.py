@@ -132,7 +132,8 @@ def _v3_store(path):
     conn.execute("INSERT INTO domains (name, next_hop, created_at) VALUES ('kept.test', NULL, 0)")
     conn.execute("INSERT INTO users (name, domain, password_hash, created_at, changed_at) "
                  "VALUES ('alice@kept.test', 'kept.test', '$argon2id$x', 0, 0)")
-    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', '192.0.2.7', 9e9, 10, 0)")
+    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) "
+                 "VALUES ('ip', '192.0.2.7', 9e9, 10, 0)")
     conn.execute("INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, attempts, "
                  "connection_id, listener, client_ip) VALUES ('M1', 'deferred', 'a@b.test', '<m1@b.test>', 5, 1, 2, 1, "
                  "'C1', 'inbound', '192.0.2.1')")
@@ -161,7 +162,8 @@ def test_a_version_3_store_migrates_to_4_with_its_queue_intact(tmp_path):
     assert bytes(conn.execute("SELECT data FROM message_bodies WHERE message_id = 'M1'").fetchone()[0]) == b"hello"
     assert [r[0] for r in conn.execute("SELECT recipient FROM message_recipients WHERE message_id = 'M1' "
                                        "ORDER BY recipient")] == ["bob@kept.test", "carol@kept.test"]
-    assert [r[0] for r in conn.execute("SELECT symbol FROM verdicts WHERE message_id = 'M1'")] == ["RELAY_GUARDED_DOMAIN"]
+    assert [r[0] for r in conn.execute("SELECT symbol FROM verdicts WHERE message_id = 'M1'")] == [
+        "RELAY_GUARDED_DOMAIN"]
     # The rebuilt table keeps its indexes, and the body still hangs on the message.
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'messages'")}
     assert {"messages_due", "messages_msgid"} <= names
@@ -179,7 +181,8 @@ def test_a_version_3_store_migrates_to_4_with_its_queue_intact(tmp_path):
     conn.execute("INSERT INTO user_secrets (user, mechanism, secret) VALUES ('alice@kept.test', 'SCRAM-SHA-256', 's')")
     conn.execute("DELETE FROM users")
     assert store.state_versions(conn) == (policy, bans)
-    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', '192.0.2.8', 9e9, 10, 0)")
+    conn.execute("INSERT INTO auth_bans (kind, key, until, failures, created_at) "
+                 "VALUES ('ip', '192.0.2.8', 9e9, 10, 0)")
     conn.execute("UPDATE auth_bans SET failures = 11 WHERE key = '192.0.2.8'")
     conn.execute("DELETE FROM auth_bans WHERE key = '192.0.2.8'")
     assert store.state_versions(conn) == (policy, bans + 3)

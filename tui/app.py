@@ -108,7 +108,8 @@ class MailboxGuardApp(App):
                            ("Bans", BansScreen)):
             sections.append((title, list(cls.BINDINGS)))
         intro = ("Keyboard only. Views: d dashboard, c connections, q queue, u quarantine, e events, "
-                 "b bans. Lists: arrows/pgup/pgdn move, enter opens. Kill, delete and unban ask first. "
+                 "b bans. Lists: arrows/pgup/pgdn move, enter opens. Kill, delete, unban and a release "
+                 "from quarantine ask first. "
                  "When the engine is not running the queue and the bans are read from the store; r tries "
                  "the engine again.")
         self.push_screen(HelpScreen(sections, intro))

@@ -773,7 +773,6 @@ class PolicyStore:
         with self._tx() as conn:
             return {r[0]: r[1] for r in conn.execute("SELECT key, value FROM settings")}
 
-
     # scopes: the server (''), a guarded domain, or an address of a guarded domain
     def scope_of(self, domain: str | None = None, user: str | None = None) -> str:
         """The scope ``--domain`` / ``--user`` name, normalised and checked: '' for the

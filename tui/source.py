@@ -24,12 +24,13 @@ from mailbox_guard.queue import ops as q
 from mailbox_guard.queue import states as st
 from mailbox_guard.control.client import AsyncControlClient, ControlCallError, EngineNotRunning
 from mailbox_guard.store.db import DB_NAME, StoreError, connect
+from mailbox_guard.auth import bans
 
 __all__ = ["Source", "EngineSource", "MessagePage", "MessageKind", "StoreUnavailable", "EngineNotRunning",
            "ControlCallError", "KINDS"]
 
 CALL_TIMEOUT = 5.0
-BAN_FIELDS = ("kind", "key", "until", "failures", "created_at")     # as ``auth.bans`` answers
+BAN_FIELDS = bans.COLUMNS     # as ``auth.bans`` answers
 
 
 class StoreUnavailable(Exception):
@@ -206,10 +207,7 @@ class EngineSource(Source):
         return await self.call("auth.bans")
 
     async def store_bans(self, now: float) -> list[dict]:
-        def read(c: sqlite3.Connection) -> list[dict]:
-            return [dict(zip(BAN_FIELDS, r)) for r in c.execute(
-                f"SELECT {', '.join(BAN_FIELDS)} FROM auth_bans WHERE until > ? ORDER BY until DESC", (now,))]
-        return await self.read_store(read)
+        return await self.read_store(lambda c: bans.active(c, now))
 
     # ------------------------------------------------------------ messages
     async def list_messages(self, kind: str, *, states: list[str] | None = None, search: str = "",

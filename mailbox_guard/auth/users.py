@@ -27,7 +27,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from mailbox_guard.auth import bans
 from mailbox_guard.config import SettingError
-from mailbox_guard.store.db import PolicyStore, normalise_domain
+from mailbox_guard.store.db import LEGACY_MECHANISMS, PolicyStore, normalise_domain, normalise_user
 
 HASHER = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16,
                         type=Type.ID)
@@ -138,15 +138,6 @@ def verify_password(stored_hash: str | None, password: str) -> tuple[bool, bool]
     if stored_hash is None:
         return False, False
     return True, HASHER.check_needs_rehash(stored_hash)
-
-
-def normalise_user(name: str) -> tuple[str, str]:
-    """A login is the user's own address: local@guarded-domain."""
-    local, at, domain = str(name).strip().rpartition("@")
-    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local):
-        raise SettingError(f"a user is an address, e.g. alice@example.org (got {name!r})")
-    domain = normalise_domain(domain)
-    return f"{local}@{domain}", domain
 
 
 class UserStore:
@@ -279,7 +270,6 @@ class UserStore:
 
 
 # ------------------------------------------------------------------ engine side
-LEGACY_MECHANISMS = frozenset({"CRAM-MD5", "DIGEST-MD5"})
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from mailbox_guard import replies
-from mailbox_guard.auth.users import LEGACY_MECHANISMS
+from mailbox_guard.store.db import LEGACY_MECHANISMS
 from mailbox_guard.smtp.sasl import AUTH_ORDER
 
 log = logging.getLogger("mailbox_guard.smtp")

@@ -31,6 +31,10 @@ log = logging.getLogger("mailbox_guard.store")
 
 DB_NAME = "mailbox-guard.db"
 
+# The mechanisms a domain switches on for itself (schema.sql's domain_mechanisms
+# allows these only); every other mechanism is the server's.
+LEGACY_MECHANISMS = frozenset({"CRAM-MD5", "DIGEST-MD5"})
+
 # Numbered migrations from an older user_version to the next one: statements of
 # their own (ALTER TABLE ...) plus the tables that version added, whose CREATE TABLE,
 # indexes and triggers are taken from schema.sql itself, which stays the one source.
@@ -505,6 +509,15 @@ def normalise_domain(name: str) -> str:
         raise SettingError(f"not a domain name: {name!r} (e.g. example.org)")
     return text
 
+
+
+def normalise_user(name: str) -> tuple[str, str]:
+    """A login is the user's own address: local@guarded-domain."""
+    local, at, domain = str(name).strip().rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local):
+        raise SettingError(f"a user is an address, e.g. alice@example.org (got {name!r})")
+    domain = normalise_domain(domain)
+    return f"{local}@{domain}", domain
 
 def normalise_address(text: str) -> str:
     """A recipient as stored: local@domain, parsed as an SMTP path would be (no spaces,

@@ -21,14 +21,14 @@ from typing import Any, Mapping
 import tomli_w
 
 from mailbox_guard.config import SETTINGS, SettingError, parse_setting
-from mailbox_guard.store.db import (PolicyStore, normalise_address, normalise_domain, normalise_network,
-                                    normalise_next_hop, normalise_scope, open_relay_networks, parse_mode,
-                                    parse_scoped_setting)
+from mailbox_guard.store.db import (LEGACY_MECHANISMS, PolicyStore, normalise_address, normalise_domain,
+                                    normalise_network, normalise_next_hop, normalise_scope, normalise_user,
+                                    open_relay_networks, parse_mode, parse_scoped_setting)
 
 FORMAT = 1
 SECTIONS = ("settings", "password_policy", "domains", "recipients", "networks", "listeners", "users",
             "scoped_settings", "check_modes")
-LEGACY = ("CRAM-MD5", "DIGEST-MD5")
+LEGACY = tuple(sorted(LEGACY_MECHANISMS))
 _DEFAULT_POLICY = {"min_length": 12, "min_classes": 3, "reject_common": True, "reject_name": True}
 
 
@@ -258,7 +258,6 @@ def _parse_listeners(value: Any) -> dict[str, dict]:
 
 
 def _parse_users(value: Any) -> dict[str, dict]:
-    from mailbox_guard.auth.users import normalise_user
     users: dict[str, dict] = {}
     for u in _entries(value, "users", "name"):
         name, domain = normalise_user(u["name"])

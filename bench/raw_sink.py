@@ -1,10 +1,12 @@
 """The baseline: a bare aiosmtpd accept-and-discard SMTP server.
 
-Plain ``loop.create_server(lambda: SMTP(handler))`` on the default asyncio event loop
-(no uvloop, no Controller thread, no storage): ``handle_DATA`` answers 250 and drops
-the message. This is what "raw aiosmtpd" means in the benchmark.
+Plain ``loop.create_server(lambda: SMTP(handler))`` (no Controller thread, no
+storage): ``handle_DATA`` answers 250 and drops the message. This is what "raw
+aiosmtpd" means in the benchmark. ``--loop`` picks the event loop; the bench gives
+it the one the engine runs on (uvloop where installed, as ``run_engine`` does), so
+that the two servers differ in their own code only.
 
-    python bench/raw_sink.py --port 40123 [--host 127.0.0.1]
+    python bench/raw_sink.py --port 40123 [--host 127.0.0.1] [--loop uvloop|asyncio]
 """
 
 from __future__ import annotations
@@ -38,5 +40,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--loop", choices=("uvloop", "asyncio"), default="asyncio")
     args = ap.parse_args()
-    asyncio.run(main(args.host, args.port))
+    if args.loop == "uvloop":
+        import uvloop
+        uvloop.run(main(args.host, args.port))
+    else:
+        asyncio.run(main(args.host, args.port))

@@ -95,11 +95,24 @@ def serve(
             metrics_at = parse_hostport(metrics)
         except SettingError as exc:
             raise typer.BadParameter(str(exc), param_hint="--metrics") from None
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Log lines are written by a thread of their own: a write (and its flush) per
+    # line would otherwise be paid on the event loop, for every message.
+    import queue
+    from logging.handlers import QueueHandler, QueueListener
+    output = logging.StreamHandler(sys.stderr)
+    output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    writer = QueueListener(lines, output)
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.addHandler(QueueHandler(lines))
     listeners = (_listener_args(inbound, "inbound") + _listener_args(submission, "submission")
                  + _listener_args(smtps, "smtps"))
-    code = run_engine(state.home, listeners or None, metrics=metrics_at)
+    writer.start()
+    try:
+        code = run_engine(state.home, listeners or None, metrics=metrics_at)
+    finally:
+        writer.stop()          # every line queued so far is written before exit
     raise typer.Exit(code)
 
 

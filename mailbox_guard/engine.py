@@ -29,7 +29,7 @@ from mailbox_guard.auth.users import dummy_hash
 from mailbox_guard.checks import default_checks
 from mailbox_guard.config import Settings
 from mailbox_guard.control.server import SOCKET_NAME, ControlServer
-from mailbox_guard.delivery.worker import Delivery
+from mailbox_guard.delivery.worker import LEASE_SECONDS, Delivery
 from mailbox_guard.lookups.dns import DnsCache
 from mailbox_guard.events import EventBus, Stats
 from mailbox_guard.model import QueuedMessage, Result, SessionFacts
@@ -315,11 +315,24 @@ class Engine:
         """Durable before the 250: the messages of one DATA in one commit."""
         assert self.writer is not None
         started = time.monotonic()
+        # Delivery takes what it has room for straight from memory: stored leased,
+        # it needs no lease query and no second read of its body.
+        handed: list[QueuedMessage] = []
+        if self.delivery is not None:
+            for m in msgs:
+                if m.state == "incoming" and self.delivery.reserve():
+                    m.lease_until = time.time() + LEASE_SECONDS
+                    handed.append(m)
         try:
             await self.writer.run(lambda c: [q.insert_message(c, m) for m in msgs])
-        except Exception:
-            self.counters["store_errors"] += 1
+        except BaseException as exc:
+            if handed:
+                self.delivery.unreserve(len(handed))
+            if isinstance(exc, Exception):
+                self.counters["store_errors"] += 1
             raise
+        for m in handed:
+            self.delivery.take(m)
         self.stats.commit_seconds.append(time.monotonic() - started)
         self.stats.count("accepted")
         self.stats.sender(msgs[0].mail_from)
@@ -327,7 +340,7 @@ class Engine:
             self.events.publish("message", id=msg.id, mail_from=msg.mail_from,
                                 recipients=[r for r, _ in msg.recipients], size=msg.size,
                                 connection=msg.connection_id, message_id=msg.message_id, state=msg.state)
-        if self.delivery is not None and any(m.state == "incoming" for m in msgs):
+        if self.delivery is not None and len(handed) < sum(m.state == "incoming" for m in msgs):
             self.delivery.wake.set()
 
     def _session_opened(self, proto) -> None:

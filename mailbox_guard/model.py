@@ -106,6 +106,9 @@ class QueuedMessage:
     tls: str | None = None                   # "TLSv1.3 TLS_AES_256_GCM_SHA384"
     auth_user: str | None = None
     verdicts: list[Verdict] = field(default_factory=list)
+    # Set by the engine when delivery takes the message straight from memory: it is
+    # stored already leased (state active) until then, so a crash gives it back.
+    lease_until: float | None = None
 
     @property
     def size(self) -> int:

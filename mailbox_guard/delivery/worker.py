@@ -139,6 +139,31 @@ class Delivery:
         self.active: set[asyncio.Task] = set()
         self.stopping = False
         self._tls = opportunistic_tls_context()
+        self._reserved = 0          # slots promised to messages being committed
+
+    # ------------------------------------------------------------------ hand-off
+    def reserve(self) -> bool:
+        """A slot for a message about to be committed, taken straight from memory
+        (no lease query, no reading its body back); False when delivery is busy."""
+        if self.stopping:
+            return False
+        if len(self.active) + self._reserved >= self.policy().settings["delivery.concurrency"]:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self, n: int = 1) -> None:
+        self._reserved = max(0, self._reserved - n)
+
+    def take(self, msg) -> None:
+        """Deliver a message just committed as leased (model.QueuedMessage with
+        lease_until set); its slot was reserved."""
+        self.unreserve()
+        rcpts = sorted(dict.fromkeys(msg.recipients), key=lambda r: (r[1], r[0]))
+        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts)
+        task = asyncio.ensure_future(self._deliver_one(leased))
+        self.active.add(task)
+        task.add_done_callback(self._task_done)
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -157,7 +182,7 @@ class Delivery:
         last_sweep = 0.0
         while not self.stopping:
             settings = self.policy().settings
-            free = settings["delivery.concurrency"] - len(self.active)
+            free = settings["delivery.concurrency"] - len(self.active) - self._reserved
             now = time.time()
             if now - last_sweep > 30:
                 last_sweep = now

@@ -46,12 +46,16 @@ def _verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Ver
 
 
 def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
+    # A message handed to delivery in memory is stored leased: its first attempt is
+    # counted, and a crash before it is done gives the lease back (recover_leases).
+    leased = m.lease_until is not None and m.state == st.INCOMING
     conn.execute(
         "INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, "
-        "connection_id, listener, client_ip, reason, helo, tls, auth_user) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.id, m.state, m.mail_from, m.message_id, m.size, m.received_at, m.received_at,
-         m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user))
+        "connection_id, listener, client_ip, reason, helo, tls, auth_user, lease_until, attempts) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m.id, st.ACTIVE if leased else m.state, m.mail_from, m.message_id, m.size, m.received_at,
+         m.received_at, m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user,
+         m.lease_until if leased else None, 1 if leased else 0))
     conn.execute("INSERT INTO message_bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
     conn.executemany(
         "INSERT OR IGNORE INTO message_recipients (message_id, recipient, domain, state) "

@@ -259,6 +259,8 @@ class GuardSMTP(SaslMechanisms, SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         self._writer.write(data)
+        if not self.transport.get_write_buffer_size():
+            return                 # all taken by the kernel: nothing to wait for
         try:
             # A client that sends but never reads must not pin our buffers: give
             # it the session timeout to take our replies, then drop it.

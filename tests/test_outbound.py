@@ -93,7 +93,11 @@ def test_postfix_smtp_sink_as_next_hop(gateway, tmp_path):
             for i in range(3):
                 s.sendmail("alice@sender.test", ["bob@example.test"], make_message(subject=f"pf{i}", body=body))
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(list(dump.iterdir())) < 3:
+
+        def written() -> int:
+            # smtp-sink creates its file first and writes it when the transaction ends.
+            return sum(1 for f in dump.iterdir() if b"end" in f.read_bytes())
+        while time.monotonic() < deadline and written() < 3:
             time.sleep(0.05)
         files = sorted(dump.iterdir())
         assert len(files) == 3

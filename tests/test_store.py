@@ -225,3 +225,38 @@ def test_delivery_leases_only_due_mail_never_held_or_quarantined(tmp_path):
     q.flush(conn, now=200)
     assert dict(conn.execute("SELECT id, next_attempt FROM messages WHERE id = 'QUARANTINE'"))["QUARANTINE"] == 0
     conn.close()
+
+
+def test_a_failing_job_does_not_spoil_the_others_of_its_commit(tmp_path):
+    """Jobs queued together commit together; one that fails gets its error and the
+    others are committed (the writer runs the batch again job by job)."""
+    import asyncio
+    import time as _time
+    store.initialise(tmp_path / "s.db")
+    writer = store.Writer(tmp_path / "s.db").start()
+
+    def slow(c):
+        _time.sleep(0.2)       # the jobs below queue up meanwhile: one batch
+        return "slow"
+
+    def insert(key):
+        return lambda c: c.execute("INSERT INTO meta (key, value) VALUES (?, 'x')", (key,)).rowcount
+
+    async def main():
+        first = asyncio.ensure_future(writer.run(slow))
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(writer.run(insert("a")), writer.run(insert("policy_version")),
+                                       writer.run(insert("b")), return_exceptions=True)
+        return await first, results, writer.commits
+    try:
+        first, (a, dup, b), commits = asyncio.run(main())
+    finally:
+        writer.close()
+    assert first == "slow" and a == 1 and b == 1 and commits == 2
+    assert isinstance(dup, sqlite3.IntegrityError)
+    conn = store.connect(tmp_path / "s.db", readonly=True)
+    try:
+        keys = {r[0] for r in conn.execute("SELECT key FROM meta")}
+    finally:
+        conn.close()
+    assert {"a", "b"} <= keys

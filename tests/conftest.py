@@ -182,6 +182,13 @@ class Gateway:
             [sys.executable, "-m", "mailbox_guard", "serve", *flags, *extra],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for_banner(self.port, proc=self.proc)
+        # engine.json is written once every listener is bound: the inbound banner
+        # alone does not mean the submission or SMTPS listener is up yet.
+        deadline = time.monotonic() + 15
+        while not (self.home / "engine.json").exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("the engine did not finish starting")
+            time.sleep(0.02)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

@@ -208,28 +208,33 @@ class Session:
         gates = self.pipeline.gates
         return decide.refusal((r for r in results if r.check in gates), mode_of)
 
-    def _found(self, phase: Phase, results: list[Result], mode_of, delay: bool) -> tuple[Result | None, bool]:
-        """(the refusal to answer now, whether other refusals wait for RCPT)."""
-        gate = self._gate_refusal(results, mode_of)
-        if gate is not None:
-            return gate, False
-        other = decide.refusal((r for r in results if r.check not in self.pipeline.gates), mode_of)
-        if other is None:
-            return None, False
-        return (None, True) if delay else (other, False)
+    async def _before_rcpt(self, phase: Phase, policy, subject: str, earlier: Sequence[Result],
+                           into: list[Verdict], address=None):
+        """A phase before RCPT (CONNECT, HELO, MAIL): its results, the refusals that wait
+        for RCPT, and the refusal to answer now (a gate's, or any with delay_reject off)."""
+        scope, mode_of = self._server_modes(policy)
+        results = await self.pipeline.run(self._ctx(phase, policy, subject, address, earlier, scope),
+                                          runs=self._runs(policy), stop=self._stop(mode_of))
+        delay = policy.settings["smtp.delay_reject"]
+        gates = self.pipeline.gates
+        now = self._gate_refusal(results, mode_of)
+        other = None if now is not None else decide.refusal(
+            (r for r in results if r.check not in gates), mode_of)
+        if other is not None and not delay:
+            now, other = other, None
+        if phase is Phase.MAIL and not results:
+            # The sender of the transaction, for "rejects" and "messages why" even
+            # when no check had anything to say about it.
+            self.note(into, "mail", subject, "smtp", "MAIL_FROM")
+        self._trace(into, phase, subject, results, mode_of, delayed=other is not None)
+        return results, self._delayable(phase.value, results, delay), now
 
     # ----------------------------------------------------------- phases
     async def connect(self) -> str | None:
         """CONNECT checks; a reply to send instead of the banner (then close), or None."""
         policy = self.deps.policy()
-        scope, mode_of = self._server_modes(policy)
-        results = await self.pipeline.run(self._ctx(Phase.CONNECT, policy, self.facts.peer_ip, scope=scope),
-                                          runs=self._runs(policy), stop=self._stop(mode_of))
-        self.connect_results = results
-        delay = policy.settings["smtp.delay_reject"]
-        now, later = self._found(Phase.CONNECT, results, mode_of, delay)
-        self._trace(self.conn_trace, Phase.CONNECT, self.facts.peer_ip, results, mode_of, delayed=later)
-        self.connect_delayed = self._delayable("connect", results, delay)
+        self.connect_results, self.connect_delayed, now = await self._before_rcpt(
+            Phase.CONNECT, policy, self.facts.peer_ip, (), self.conn_trace)
         if now is not None:
             reply = decide.reply_for(now)
             self.refused_at_connect = reply
@@ -240,17 +245,9 @@ class Session:
     async def helo(self, name: str, esmtp: bool) -> str | None:
         self.facts.helo = printable(name)
         self.facts.esmtp = esmtp
-        policy = self.deps.policy()
-        scope, mode_of = self._server_modes(policy)
-        results = await self.pipeline.run(
-            self._ctx(Phase.HELO, policy, self.facts.helo, results=self.connect_results, scope=scope),
-            runs=self._runs(policy), stop=self._stop(mode_of))
         # A repeated HELO replaces what the last one found (its scores are not added twice).
-        self.helo_results = results
-        delay = policy.settings["smtp.delay_reject"]
-        now, later = self._found(Phase.HELO, results, mode_of, delay)
-        self._trace(self.conn_trace, Phase.HELO, self.facts.helo, results, mode_of, delayed=later)
-        self.helo_delayed = self._delayable("helo", results, delay)
+        self.helo_results, self.helo_delayed, now = await self._before_rcpt(
+            Phase.HELO, self.deps.policy(), self.facts.helo, self.connect_results, self.conn_trace)
         if now is not None:
             reply = decide.reply_for(now)
             self._refused(Phase.HELO, self.facts.helo, now, reply)
@@ -288,24 +285,15 @@ class Session:
         policy = self.tx_policy = self.deps.policy()
         self.tx = TransactionFacts(mail_from=path.address, mail_from_domain=path.domain_lc,
                                    mail_options=list(options))
-        scope, mode_of = self._server_modes(policy)
-        results = await self.pipeline.run(
-            self._ctx(Phase.MAIL, policy, path.address, path, self.session_results, scope),
-            runs=self._runs(policy), stop=self._stop(mode_of))
         subject = path.address or "<>"
-        if not results:
-            # The sender of the transaction, for "rejects" and "messages why" even
-            # when no check had anything to say about it.
-            self.note(self.tx_trace, "mail", subject, "smtp", "MAIL_FROM")
-        now, later = self._found(Phase.MAIL, results, mode_of, policy.settings["smtp.delay_reject"])
-        self._trace(self.tx_trace, Phase.MAIL, subject, results, mode_of, delayed=later)
+        results, delayed, now = await self._before_rcpt(Phase.MAIL, policy, subject, self.session_results,
+                                                        self.tx_trace, path)
         if now is not None:
             reply = decide.reply_for(now)
             self._refused(Phase.MAIL, subject, now, reply)
             self.end_transaction()
             return reply
-        self.tx_results = results
-        self.tx_delayed = self._delayable("mail", results, policy.settings["smtp.delay_reject"])
+        self.tx_results, self.tx_delayed = results, delayed
         return None
 
     async def rcpt(self, path, options: list[str]) -> tuple[str | None, str]:

@@ -1,15 +1,11 @@
 """The SMTP protocol: aiosmtpd's, made strict (the ``smtp`` package is the only one
 that imports aiosmtpd).
 
-The protocol subclass tightens aiosmtpd
-where a gateway must be stricter than a library: commands must end in CRLF (no bare
-LF or CR), only ``CRLF.CRLF`` ends DATA, DATA is read in chunks rather than line by
-line, error replies are counted (soft limit: slow down; hard limit: 421 and close),
-and an internal error answers 451 with no exception text.
-
-A missing hook would make aiosmtpd answer with its defaults (a missing
-``handle_DATA`` answers 250 and drops the mail), so :func:`assert_hooks` runs at
-start-up and in the tests.
+The protocol subclass tightens aiosmtpd where a gateway must be stricter than a
+library: commands must end in CRLF (no bare LF or CR), only ``CRLF.CRLF`` ends DATA,
+DATA is read in chunks rather than line by line, error replies are counted (soft
+limit: slow down; hard limit: 421 and close), and an internal error answers 451 with
+no exception text. The hooks it calls are in :mod:`mailbox_guard.smtp.handler`.
 """
 
 from __future__ import annotations
@@ -34,10 +30,6 @@ if TYPE_CHECKING:   # pragma: no cover
 
 log = logging.getLogger("mailbox_guard.smtp")
 
-# The hooks aiosmtpd must find on our handler; without any one of them it would
-# silently apply its own default (for DATA: "250 OK" and the message is gone).
-REQUIRED_HOOKS = ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "VRFY", "NOOP", "QUIT")
-
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF (998 + CRLF),
 # measured after dot-unstuffing; here a line ends at LF and keeps its CR (999).
 _TEXT_LINE_LIMIT = 999
@@ -47,19 +39,12 @@ def _has_long_line(data: bytes) -> bool:
     # split + len runs in C; a regex like [^\n]{1000} restarts at every byte and
     # costs milliseconds per 100 KB.
     return len(data) > _TEXT_LINE_LIMIT and max(map(len, data.split(b"\n"))) > _TEXT_LINE_LIMIT
+
+
 _AUTH_LINE_LIMIT = 12288          # RFC 4954 (Kerberos tickets in AUTH GSSAPI)
 # AUTH's argument: a mechanism name and perhaps an initial response, printable ASCII
 # (anything else, a Unicode space or a control character, is a syntax error).
 _AUTH_ARG = re.compile(r"[!-~]+(?: [!-~]+)?")
-def assert_hooks(handler: Any) -> None:
-    """Fail loudly at start-up if a hook is missing or misspelled."""
-    missing = [h for h in REQUIRED_HOOKS if not callable(getattr(handler, f"handle_{h}", None))]
-    if missing or not callable(getattr(handler, "handle_exception", None)):
-        raise RuntimeError(f"SMTP handler lacks hooks: {', '.join(missing) or 'exception'}")
-    stray = [m for m in dir(handler) if m.startswith("handle_")
-             and m[7:] not in REQUIRED_HOOKS and m[7:] not in ("exception", "STARTTLS", "AUTH")]
-    if stray:
-        raise RuntimeError(f"SMTP handler has unknown hooks (misspelled?): {', '.join(stray)}")
 
 
 class GuardSMTP(SaslMechanisms, SMTP):

@@ -55,3 +55,11 @@ S530_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 S554_TLS_ACTIVE = "554 5.5.1 Error: TLS already active"
 S554_NEEDS_SECURITY = "554 5.7.0 Command refused due to lack of security"
 S554_NO_RECIPIENTS = "554 5.5.1 Error: no valid recipients"
+
+# SASL (AUTH) syntax and mechanism refusals.
+S501_AUTH_BASE64 = "501 5.5.2 Cannot decode base64"
+S501_AUTH_PLAIN = "501 5.5.2 Cannot split the PLAIN response"
+S501_AUTH_SCRAM = "501 5.5.2 Malformed SCRAM client-first message"
+S501_AUTH_NO_INITIAL = "501 5.5.2 {mechanism} takes no initial response"
+S501_AUTH_DIGEST = "501 5.5.2 Malformed DIGEST-MD5 response"
+S504_AUTH_MECHANISM = "504 5.5.4 Unrecognized authentication type"

@@ -94,7 +94,7 @@ class Sasl:
         try:
             return b64decode(args[1].encode(), validate=True)
         except ValueError:
-            await self.exchange.say("501 5.5.2 Cannot decode base64")
+            await self.exchange.say(replies.S501_AUTH_BASE64)
             return MISSING
 
     # PLAIN and LOGIN replace aiosmtpd's own, whose check runs synchronously (an
@@ -106,7 +106,7 @@ class Sasl:
             return _aborted()
         parts = blob.split(b"\x00")
         if len(parts) != 3:
-            return await self._refuse("501 5.5.2 Cannot split the PLAIN response")
+            return await self._refuse(replies.S501_AUTH_PLAIN)
         authzid, login, password = parts
         if authzid and authzid != login:
             # Acting for someone else is not allowed: fail like a bad password.
@@ -152,7 +152,7 @@ class Sasl:
             login = next(a[2:] for a in bare.split(",") if a.startswith("n="))
             login = login.replace("=2C", ",").replace("=3D", "=")
         except (UnicodeDecodeError, IndexError, StopIteration):
-            return await self._refuse("501 5.5.2 Malformed SCRAM client-first message")
+            return await self._refuse(replies.S501_AUTH_SCRAM)
         raw_login, login = login, normalise_login(login)
         refused = await self.auth.gate(self.facts.peer_ip, login)
         # Looked up even when refused: the answer (salt, iterations) must not change
@@ -193,7 +193,7 @@ class Sasl:
         from mailbox_guard.auth.kerberos import acceptor_credentials, user_for
         available = self.gssapi_availability()
         if not (available and available.available):
-            return await self._refuse("504 5.5.4 Unrecognized authentication type")
+            return await self._refuse(replies.S504_AUTH_MECHANISM)
         import gssapi
         token = await self._initial(args)
         if token is MISSING:
@@ -239,9 +239,9 @@ class Sasl:
         import hmac
         from mailbox_guard.auth import cram_md5
         if "CRAM-MD5" not in self.policy().legacy_mechanisms:
-            return await self._refuse("504 5.5.4 Unrecognized authentication type")
+            return await self._refuse(replies.S504_AUTH_MECHANISM)
         if len(args) > 1:
-            return await self._refuse("501 5.5.2 CRAM-MD5 takes no initial response")
+            return await self._refuse(replies.S501_AUTH_NO_INITIAL.format(mechanism="CRAM-MD5"))
         challenge = f"<{os.urandom(8).hex()}.{int(time.time())}@{self.hostname}>".encode()
         answer = await self.exchange.challenge(challenge)
         if answer is MISSING:
@@ -263,9 +263,9 @@ class Sasl:
         from mailbox_guard.auth import digest_md5
         policy = self.policy()
         if "DIGEST-MD5" not in policy.legacy_mechanisms:
-            return await self._refuse("504 5.5.4 Unrecognized authentication type")
+            return await self._refuse(replies.S504_AUTH_MECHANISM)
         if len(args) > 1:
-            return await self._refuse("501 5.5.2 DIGEST-MD5 takes no initial response")
+            return await self._refuse(replies.S501_AUTH_NO_INITIAL.format(mechanism="DIGEST-MD5"))
         realms = sorted(policy.legacy_realms.get("DIGEST-MD5", ()))
         nonce = b64encode(os.urandom(24)).decode()
         answer = await self.exchange.challenge(digest_md5.challenge(realms, nonce))
@@ -274,7 +274,7 @@ class Sasl:
         try:
             d = digest_md5.parse(answer.decode("utf-8"))
         except (UnicodeDecodeError, digest_md5.DigestError):
-            return await self._refuse("501 5.5.2 Malformed DIGEST-MD5 response")
+            return await self._refuse(replies.S501_AUTH_DIGEST)
         raw_login = d.get("username", "")
         login = normalise_login(raw_login)
         refused = await self.auth.gate(self.facts.peer_ip, login)

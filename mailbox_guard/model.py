@@ -161,12 +161,6 @@ class Context:
     results: tuple[Result, ...] = ()
     scope: Any = None                # policy.snapshot.Scope of the recipient (RCPT), else the server's
 
-    def score(self) -> float:
-        return sum(r.score for r in self.results)
-
-    def has(self, symbol: str) -> bool:
-        return any(r.symbol == symbol for r in self.results)
-
 
 class Check(Protocol):
     """A check: ``async run(ctx) -> list[Result]``. It returns facts; it never writes

@@ -39,9 +39,8 @@ def policy_test(ip: str = typer.Option(..., "--ip", help="The client's address."
     Example: mailbox-guard policy test --ip 192.0.2.7 --helo mx.example.net --from a@example.net --to bob@example.org message.eml --json
     """
     from mailbox_guard.auth.users import load_account
-    from mailbox_guard.policy.snapshot import Policy
+    from mailbox_guard.engine import load_policy
     from mailbox_guard.session import whatif
-    from mailbox_guard.store.db import policy_sections
 
     try:
         ip = str(ipaddress.ip_address(ip.strip()))
@@ -57,18 +56,15 @@ def policy_test(ip: str = typer.Option(..., "--ip", help="The client's address."
         body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
     def load(conn):
-        sections = policy_sections(conn)
         listeners = {r[0]: r[1] for r in conn.execute("SELECT name, kind FROM listeners")}
-        account = load_account(conn, auth) if auth else None
-        return sections, listeners, account
-    sections, listeners, account = read_store(load)
+        return load_policy(conn), listeners, load_account(conn, auth) if auth else None
+    policy, listeners, account = read_store(load)
     if auth and account is None:
         fail(f"no such user: {auth}")
     kind = listeners.get(listener) or {"inbound": "inbound", "submission": "submission",
                                        "smtps": "smtps"}.get(listener)
     if kind is None:
         fail(f"no such listener: {listener} (mailbox-guard listeners list)")
-    policy = Policy.from_sections(sections.pop("version"), **sections)
     w = whatif.WhatIf(ip=ip, helo=helo, mail_from=mail_from, recipients=to, listener=listener,
                       listener_kind=kind, auth_user=account.name if account else None,
                       auth_addresses=account.addresses if account else frozenset(), tls=tls, message=body)

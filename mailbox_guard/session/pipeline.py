@@ -29,7 +29,6 @@ class Pipeline:
                 raise TypeError(f"two checks are named {check.name!r}")
             names.add(check.name)
         self.checks = tuple(checks)
-        self.by_name = {c.name: c for c in self.checks}
         self._by_phase = {p: tuple(c for c in self.checks if p in c.phases) for p in Phase}
         self.defaults = {c.name: Mode(check_attr(c, "default_mode")) for c in self.checks}
         self.fixed = frozenset(c.name for c in self.checks if check_attr(c, "fixed_mode"))

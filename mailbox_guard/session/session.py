@@ -74,7 +74,6 @@ class Deps:
 @dataclass
 class Recipient:
     address: str
-    raw: str
     scope: Any
     results: list[Result]
     trace: list[Verdict]
@@ -342,7 +341,7 @@ class Session:
                     self.tx_refused.append(v)
             self._refused(Phase.RCPT, path.address, deciding, reply, rcpt=path.address)
             return reply, address
-        self.recipients.append(Recipient(address, path.address, scope, results, trace, allowed is not None))
+        self.recipients.append(Recipient(address, scope, results, trace, allowed is not None))
         self.tx.recipients.append(address)
         return None, address
 

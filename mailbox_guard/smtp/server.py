@@ -41,7 +41,6 @@ class ConnectionTable:
         self.sessions: dict[str, Any] = {}
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.draining = False
-        self.opened_total = 0
         self._on_open = on_open
         self._on_close = on_close
 
@@ -54,7 +53,6 @@ class ConnectionTable:
     def opened(self, proto) -> None:
         self.sessions[proto.facts.connection_id] = proto
         self.per_ip[proto.facts.peer_ip] += 1
-        self.opened_total += 1
         self._on_open(proto)
 
     def closed(self, proto) -> None:

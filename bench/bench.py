@@ -735,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                          "on PATH or --py-spy)")
     ap.add_argument("--native", action="store_true", help="with --profiler py-spy: C frames too (uvloop, "
                                                                  "libpython, libc)")
+    ap.add_argument("--gil", action="store_true", help="with --profiler py-spy: only samples of the thread "
+                                                       "holding the GIL (who keeps the others waiting)")
     ap.add_argument("--py-spy", metavar="PATH", default=None, help="the py-spy executable (default: from PATH)")
     ap.add_argument("--top", type=int, default=25, help="functions per list printed with --profile (default 25)")
     ap.add_argument("--json", metavar="FILE", help="write all figures (every run) to FILE")
@@ -1016,7 +1018,8 @@ def _py_spy(args, scenario, client, runs, messages_for, warmup_for, work: Path) 
         load(mg, size, conns, w, args, client)
     log = work / "py-spy.log"
     sampler = PROCS.spawn("py-spy", [spy, "record", "--pid", str(mg.proc.pid), "--rate", "250", "--threads",
-                                     *(["--native"] if args.native else []), "--format", "raw",
+                                     *(["--native"] if args.native else []), *(["--gil"] if args.gil else []),
+                                     "--format", "raw",
                                      "-o", str(out)], log=log, grace=30)
     time.sleep(1.0)                     # attached before the load starts
     if sampler.poll() is not None:

@@ -97,15 +97,12 @@ def serve(
             raise typer.BadParameter(str(exc), param_hint="--metrics") from None
     # Log lines are written by a thread of their own: a write (and its flush) per
     # line would otherwise be paid on the event loop, for every message.
-    import queue
-    from logging.handlers import QueueHandler, QueueListener
-    output = logging.StreamHandler(sys.stderr)
-    output.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    writer = QueueListener(lines, output)
+    from mailbox_guard.logs import LineWriter, lean_records
+    lean_records()
+    writer = LineWriter(sys.stderr)
     root = logging.getLogger()
     root.setLevel(level)
-    root.addHandler(QueueHandler(lines))
+    root.addHandler(writer)
     listeners = (_listener_args(inbound, "inbound") + _listener_args(submission, "submission")
                  + _listener_args(smtps, "smtps"))
     writer.start()

@@ -341,7 +341,7 @@ class Engine:
                                 recipients=[r for r, _ in msg.recipients], size=msg.size,
                                 connection=msg.connection_id, message_id=msg.message_id, state=msg.state)
         if self.delivery is not None and len(handed) < sum(m.state == "incoming" for m in msgs):
-            self.delivery.wake.set()
+            self.delivery.kick()
 
     def _session_opened(self, proto) -> None:
         self.counters["connections"] += 1

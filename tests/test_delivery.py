@@ -245,3 +245,25 @@ def test_swaks_with_pipelining_is_delivered(routed, sink):
     got = sink.wait_for(1)[0]
     assert sorted(got.rcpt_tos) == ["bob@example.test", "carol@example.test"]
     assert b"Subject: via swaks" in got.data and b"\r\n.dot\r\n" in got.data
+
+
+def test_mail_queued_while_delivery_is_busy_goes_out_as_slots_free_up(routed, sink):
+    """With one delivery slot, messages committed while it is busy wait in the store;
+    each finished delivery looks for the next at once (not at the once-a-second poll)."""
+    routed.configure(delivery__concurrency="1")
+
+    def slow(envelope):
+        time.sleep(0.05)
+        return None
+
+    sink.data_reply = slow
+    routed.start()
+    with routed.smtp() as s:
+        for i in range(15):
+            s.sendmail("alice@sender.test", ["bob@example.test"], make_message(subject=f"backlog {i}"))
+    sent = time.monotonic()
+    assert len(sink.wait_for(15, timeout=30)) == 15
+    # 15 deliveries of ~0.05 s each; polling once a second would take about 14 s.
+    assert time.monotonic() - sent < 6.0
+    routed.wait_until(lambda: routed.query(
+        "SELECT count(*) AS n FROM messages WHERE state = 'delivered'")[0]["n"] == 15, what="all delivered")

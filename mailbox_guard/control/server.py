@@ -288,7 +288,7 @@ class ControlServer:
     async def _queue_action(self, fn) -> Any:
         result = await self.engine.writer.run(fn)
         if self.engine.delivery is not None:
-            self.engine.delivery.wake.set()
+            self.engine.delivery.kick()
         return result
 
     async def _retry(self, params: dict) -> dict:

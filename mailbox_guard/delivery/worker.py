@@ -135,6 +135,12 @@ class Delivery:
         self.events = events
         self.listening = listening
         self.wake = asyncio.Event()
+        # The store may hold due messages nobody has leased yet (a message committed
+        # while delivery was busy, a bounce, an admin's retry or flush, start-up).
+        # Only then does a finished delivery wake the loop to look: a message handed
+        # over from memory leaves nothing to look for, and a look costs a store
+        # transaction on the writer every 250 waits for.
+        self._backlog = True
         self.pool = _Pool()
         self.active: set[asyncio.Task] = set()
         self.stopping = False
@@ -152,6 +158,12 @@ class Delivery:
         self._reserved += 1
         return True
 
+    def kick(self) -> None:
+        """The store may have due messages: look now, and again whenever a slot frees
+        up, until a look finds fewer than it had room for."""
+        self._backlog = True
+        self.wake.set()
+
     def unreserve(self, n: int = 1) -> None:
         self._reserved = max(0, self._reserved - n)
 
@@ -160,7 +172,7 @@ class Delivery:
         lease_until set); its slot was reserved."""
         self.unreserve()
         rcpts = sorted(dict.fromkeys(msg.recipients), key=lambda r: (r[1], r[0]))
-        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts)
+        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts, fresh=True)
         task = asyncio.ensure_future(self._deliver_one(leased))
         self.active.add(task)
         task.add_done_callback(self._task_done)
@@ -181,6 +193,7 @@ class Delivery:
     async def _run(self) -> None:
         last_sweep = 0.0
         while not self.stopping:
+            self.wake.clear()       # a kick from now on is seen by the wait below
             settings = self.policy().settings
             free = settings["delivery.concurrency"] - len(self.active) - self._reserved
             now = time.time()
@@ -196,11 +209,13 @@ class Delivery:
                 self.pool.prune()
             ids: list[str] = []
             if free > 0:
+                self._backlog = False     # set again by a kick while we look
                 try:
                     ids = await self.writer.run(
                         lambda c: lease_due(c, now, min(free, 64), LEASE_SECONDS))
                 except Exception as exc:     # store trouble: try again shortly
                     log.error("leasing failed: %s", exc)
+                    self._backlog = True
                     await asyncio.sleep(1.0)
                     continue
             if ids:
@@ -217,8 +232,8 @@ class Delivery:
                 self.active.add(task)
                 task.add_done_callback(self._task_done)
             if ids and len(ids) == min(free, 64):
+                self._backlog = True
                 continue           # more may be due right now
-            self.wake.clear()
             timeout = 1.0
             if not ids and free > 0:
                 try:
@@ -235,11 +250,12 @@ class Delivery:
         self.active.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed: %r", task.exception())
-        self.wake.set()
+        if self._backlog:
+            self.wake.set()
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
-        self.wake.set()
+        self.kick()
         if self.active:
             # Deliveries in flight get a moment; whatever is cut off keeps its lease,
             # which the next start gives back (at worst a duplicate, never a loss).
@@ -313,7 +329,7 @@ class Delivery:
         last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
         await self._persist(msg.id, "record the delivery attempt", lambda: self.writer.run(
             lambda c: finish_attempt(c, msg.id, outcomes, now=now, next_attempt=next_attempt,
-                                     last_error=last_error, dsn=dsn)))
+                                     last_error=last_error, dsn=dsn, fresh=msg.fresh)))
         stats, events = self.stats, self.events
         for o in outcomes:
             stats.count(o.outcome)
@@ -322,7 +338,7 @@ class Delivery:
             log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, _one_line(o.recipient), o.outcome,
                      o.remote or "-", _one_line(o.reply[:200]))
         if dsn is not None:
-            self.wake.set()
+            self.kick()
         elif failed:
             log.info("%s: no bounce for a bounce (null sender)", msg.id)
 

@@ -45,6 +45,25 @@ def _verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Ver
              v.score, v.action, v.reply, v.detail) for v in verdicts]
 
 
+_ROWS_PER_STATEMENT = 500       # x 12 columns: well under SQLite's 32766 variables
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, rows: list[tuple]) -> None:
+    """``INSERT ... VALUES`` with many rows per statement: a statement per row costs
+    the writer thread a trip out of SQLite and back into the interpreter (and the
+    GIL) each, and every 250 waits for that thread."""
+    if not rows:
+        return
+    marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        part = rows[i:i + _ROWS_PER_STATEMENT]
+        conn.execute(f"{head} VALUES {','.join([marks] * len(part))}", [v for row in part for v in row])
+
+
+_VERDICTS = ("INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, "
+             "symbol, score, action, reply, detail)")
+
+
 def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
     # A message handed to delivery in memory is stored leased: its first attempt is
     # counted, and a crash before it is done gives the lease back (recover_leases).
@@ -57,14 +76,9 @@ def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
          m.received_at, m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user,
          m.lease_until if leased else None, 1 if leased else 0))
     conn.execute("INSERT INTO message_bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
-    conn.executemany(
-        "INSERT OR IGNORE INTO message_recipients (message_id, recipient, domain, state) "
-        "VALUES (?, ?, ?, 'pending')", [(m.id, r, d) for r, d in m.recipients])
-    if m.verdicts:
-        conn.executemany(
-            "INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, "
-            "symbol, score, action, reply, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            _verdict_rows(m.connection_id or "", m.id, m.verdicts))
+    insert_rows(conn, "INSERT OR IGNORE INTO message_recipients (message_id, recipient, domain, state)",
+                [(m.id, r, d, PENDING) for r, d in m.recipients])
+    insert_rows(conn, _VERDICTS, _verdict_rows(m.connection_id or "", m.id, m.verdicts))
     return m.id
 
 
@@ -78,11 +92,7 @@ def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[Verdic
         "tls_version=excluded.tls_version, tls_cipher=excluded.tls_cipher, auth_user=excluded.auth_user, "
         "auth_mechanism=excluded.auth_mechanism",
         {"tls_version": None, "tls_cipher": None, "auth_user": None, "auth_mechanism": None, **row})
-    if verdicts:
-        conn.executemany(
-            "INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, "
-            "symbol, score, action, reply, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            _verdict_rows(row["id"], None, verdicts))
+    insert_rows(conn, _VERDICTS, _verdict_rows(row["id"], None, verdicts))
 
 
 def recover_leases(conn: sqlite3.Connection, now: float, *, expired_only: bool) -> int:
@@ -125,6 +135,7 @@ class Leased:
     attempts: int
     body: bytes
     recipients: list[tuple[str, str]]        # pending (address, domain)
+    fresh: bool = False      # just committed, never tried: these are all its recipients
 
 
 def load_leased(conn: sqlite3.Connection, message_id: str) -> Leased | None:
@@ -149,30 +160,35 @@ class RcptOutcome:
 
 def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[RcptOutcome], *,
                    now: float, next_attempt: float | None, last_error: str | None,
-                   dsn: NewMessage | None) -> str:
+                   dsn: NewMessage | None, fresh: bool = False) -> str:
     """Record one delivery attempt and move the message to its next state.
 
-    The bounce (if any) is queued in the same transaction, so a crash can neither lose
-    it nor send it twice.
+    ``fresh``: the message's first attempt, and ``outcomes`` name every recipient it
+    has (its state follows from them, without asking the store). The bounce (if any)
+    is queued in the same transaction, so a crash can neither lose it nor send it
+    twice.
     """
-    for o in outcomes:
-        state = {"delivered": DELIVERED, "bounced": BOUNCED}.get(o.outcome, PENDING)
-        conn.execute("UPDATE message_recipients SET state = ?, attempts = attempts + 1, "
+    states = [{"delivered": DELIVERED, "bounced": BOUNCED}.get(o.outcome, PENDING) for o in outcomes]
+    conn.executemany("UPDATE message_recipients SET state = ?, attempts = attempts + 1, "
                      "last_attempt = ?, last_reply = ?, remote = ? "
                      "WHERE message_id = ? AND recipient = ?",
-                     (state, now, o.reply[:1000], o.remote, message_id, o.recipient))
-        conn.execute("INSERT INTO delivery_log (message_id, recipient, at, outcome, remote, reply) "
-                     "VALUES (?, ?, ?, ?, ?, ?)",
-                     (message_id, o.recipient, now, o.outcome, o.remote, o.reply[:1000]))
-    counts = dict(conn.execute("SELECT state, count(*) FROM message_recipients "
-                               "WHERE message_id = ? GROUP BY state", (message_id,)).fetchall())
-    if counts.get(PENDING):
+                     [(state, now, o.reply[:1000], o.remote, message_id, o.recipient)
+                      for state, o in zip(states, outcomes)])
+    insert_rows(conn, "INSERT INTO delivery_log (message_id, recipient, at, outcome, remote, reply)",
+                [(message_id, o.recipient, now, o.outcome, o.remote, o.reply[:1000]) for o in outcomes])
+    if fresh:
+        pending, bounced = PENDING in states, BOUNCED in states
+    else:
+        counts = dict(conn.execute("SELECT state, count(*) FROM message_recipients "
+                                   "WHERE message_id = ? GROUP BY state", (message_id,)).fetchall())
+        pending, bounced = bool(counts.get(PENDING)), bool(counts.get(BOUNCED))
+    if pending:
         state = st.DEFERRED
         conn.execute(f"UPDATE messages SET state = '{st.DEFERRED}', lease_until = NULL, next_attempt = ?, "
                      f"last_error = ? WHERE id = ? AND state = '{st.ACTIVE}'",
                      (next_attempt if next_attempt is not None else now, last_error, message_id))
     else:
-        state = st.BOUNCED if counts.get(BOUNCED) else st.DELIVERED
+        state = st.BOUNCED if bounced else st.DELIVERED
         conn.execute("UPDATE messages SET state = ?, lease_until = NULL, done_at = ?, last_error = ? "
                      f"WHERE id = ? AND state = '{st.ACTIVE}'", (state, now, last_error, message_id))
         # The body is not needed any more; the record and its verdict trace stay

@@ -133,25 +133,19 @@ class Connection:
 
     # ------------------------------------------------------------------ wire
     async def read_reply(self, timeout: float | None = None) -> Reply:
-        lines: list[str] = []
-        code = None
+        return (await self.read_replies(1, timeout))[0]
+
+    async def read_replies(self, count: int, timeout: float | None = None) -> list[Reply]:
+        """``count`` replies in a row (to pipelined commands), each within ``timeout``
+        (default: the command timeout) of the one before: one timer for all of them."""
+        per_reply = timeout or self.command_timeout
+        out: list[Reply] = []
         try:
-            async with asyncio.timeout(timeout or self.command_timeout):
-                while True:
-                    raw = await self.reader.readline()
-                    if not raw.endswith(b"\n"):
-                        raise SmtpClientError("connection closed by the next hop")
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
-                        raise SmtpClientError(f"malformed reply {line[:80]!r}")
-                    if code is not None and int(line[:3]) != code:
-                        raise SmtpClientError("inconsistent multi-line reply")
-                    code = int(line[:3])
-                    lines.append(line[4:])
-                    if line[3:4] != "-":
-                        break
-                    if len(lines) > _MAX_REPLY_LINES:
-                        raise SmtpClientError("reply too long")
+            async with asyncio.timeout(per_reply) as deadline:
+                for _ in range(count):
+                    if out:
+                        deadline.reschedule(asyncio.get_running_loop().time() + per_reply)
+                    out.append(await self._reply())
         except TimeoutError:
             self.broken = True
             raise SmtpClientError("timeout waiting for a reply") from None
@@ -161,7 +155,26 @@ class Connection:
         except SmtpClientError:
             self.broken = True
             raise
-        return Reply(code, "\n".join(lines))
+        return out
+
+    async def _reply(self) -> Reply:
+        lines: list[str] = []
+        code = None
+        while True:
+            raw = await self.reader.readline()
+            if not raw.endswith(b"\n"):
+                raise SmtpClientError("connection closed by the next hop")
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                raise SmtpClientError(f"malformed reply {line[:80]!r}")
+            if code is not None and int(line[:3]) != code:
+                raise SmtpClientError("inconsistent multi-line reply")
+            code = int(line[:3])
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Reply(code, "\n".join(lines))
+            if len(lines) > _MAX_REPLY_LINES:
+                raise SmtpClientError("reply too long")
 
     def _write(self, data: bytes) -> None:
         if self.writer.is_closing():
@@ -170,6 +183,9 @@ class Connection:
         self.writer.write(data)
 
     async def _drain(self) -> None:
+        transport = self.writer.transport
+        if transport is not None and not transport.is_closing() and not transport.get_write_buffer_size():
+            return            # the kernel took it all: nothing to wait for
         try:
             async with asyncio.timeout(self.command_timeout):
                 await self.writer.drain()
@@ -203,9 +219,7 @@ class Connection:
         if "PIPELINING" in self.extensions:
             self._write(b"".join(c + b"\r\n" for c in commands) + b"DATA\r\n")
             await self._drain()
-            mail = await self.read_reply()
-            rcpt_replies = [await self.read_reply() for _ in rcpts]
-            data_start = await self.read_reply()
+            mail, *rcpt_replies, data_start = await self.read_replies(len(rcpts) + 2)
         else:
             mail = await self.command(commands[0])
             if not mail.ok:

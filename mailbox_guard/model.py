@@ -109,6 +109,9 @@ class QueuedMessage:
     # Set by the engine when delivery takes the message straight from memory: it is
     # stored already leased (state active) until then, so a crash gives it back.
     lease_until: float | None = None
+    # Every line of ``body`` ends with CRLF (found on receipt): delivery sends it as
+    # it is instead of scanning it for bare CR and LF again.
+    crlf: bool = False
 
     @property
     def size(self) -> int:

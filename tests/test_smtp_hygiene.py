@@ -345,3 +345,18 @@ def test_null_sender_is_accepted(gw, sink):
     got = sink.wait_for(1)
     assert got[0].mail_from in ("", "<>")
     assert got[0].data.endswith(b"Subject: bounce\r\n\r\nreport\r\n")
+
+
+@pytest.mark.parametrize("data,longest,crlf", [
+    (b"", 0, False),
+    (b"a\r\n", 1, True),
+    (b"abc\r\n\r\nbody\r\n", 4, True),
+    (b"a\nb\r\n", 1, False),              # a bare LF
+    (b"a\rb\r\n", 1, False),              # a bare CR
+    (b"a\r\r\n", 1, False),               # CR before CRLF
+    (b"a\r\nb", 1, False),                # no final line end
+    (b"x" * 600 + b"\r" + b"y" * 600 + b"\r\n", 600, False),   # a bare CR ends a line, as once relayed
+])
+def test_line_shape_finds_the_longest_line_and_bare_line_ends(data, longest, crlf):
+    from mailbox_guard.mail.message import line_shape
+    assert line_shape(data) == (longest, crlf)

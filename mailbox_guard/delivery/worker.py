@@ -172,7 +172,7 @@ class Delivery:
         lease_until set); its slot was reserved."""
         self.unreserve()
         rcpts = sorted(dict.fromkeys(msg.recipients), key=lambda r: (r[1], r[0]))
-        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts, fresh=True)
+        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts, fresh=True, crlf=msg.crlf)
         task = asyncio.ensure_future(self._deliver_one(leased))
         self.active.add(task)
         task.add_done_callback(self._task_done)
@@ -303,7 +303,7 @@ class Delivery:
             key = f"hop:{hop}" if hop else f"mx:{domain}"
             groups.setdefault(key, []).append(rcpt)
             hops[key] = hop
-        wire = to_wire(msg.body)
+        wire = msg.body if msg.crlf else to_wire(msg.body)
         outcomes: list[RcptOutcome] = []
         results = await asyncio.gather(*(self._deliver_group(msg, wire, key, hops[key], rcpts)
                                          for key, rcpts in groups.items()))

@@ -26,6 +26,25 @@ def header_section(body: bytes) -> tuple[bytes, bool]:
     return body[:HEADER_CAP], False
 
 
+def line_shape(data: bytes) -> tuple[int, bool]:
+    """The longest line's length without its end, and whether every line ends with
+    CRLF. A bare CR or LF ends a line here, as it does once the message is relayed
+    (delivery turns each into CRLF). One pass in C, for the limit check on receipt
+    and so that delivery need not scan a clean message again."""
+    lines = data.splitlines()
+    # Each line is followed by exactly one break (the data ends with one): the
+    # breaks add up to two bytes per line only if every one of them is CRLF.
+    return (max(map(len, lines), default=0),
+            data.endswith(b"\r\n") and sum(map(len, lines)) + 2 * len(lines) == len(data))
+
+
+def crlf_head(data: bytes) -> bool:
+    """Whether the header section of ``data`` (ours, after edits) is complete and
+    has CRLF line ends only: with a body known clean, the whole message is."""
+    section, complete = header_section(data)
+    return complete and line_shape(section)[1]
+
+
 def parse_headers(section: bytes):
     return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(section)
 

@@ -345,9 +345,10 @@ class Session:
         self.tx.recipients.append(address)
         return None, address
 
-    async def data(self, body: bytes) -> DataResult:
+    async def data(self, body: bytes, *, crlf: bool = False) -> DataResult:
         """End of DATA: DATA checks, an outcome per recipient, the messages queued
-        (committed before the reply), and the one reply."""
+        (committed before the reply), and the one reply. ``crlf``: the receiver
+        found every line of ``body`` ending with CRLF."""
         policy = self.tx_policy
         tx = self.tx
         raw_headers, complete = msgs.header_section(body)      # found once, used twice
@@ -390,7 +391,7 @@ class Session:
             reply = first.reply or replies.S550_SPAM
             self._refused(Phase.DATA, first.recipient, first.deciding, reply)
             return DataResult(reply, [], outcomes)
-        messages = self._build(body, outcomes, now)
+        messages = self._build(body, outcomes, now, crlf)
         if self.deps.commit is not None and messages:
             try:
                 await self.deps.commit(messages)
@@ -412,7 +413,8 @@ class Session:
             self.tx_refused = []
         return DataResult(replies.S250_QUEUED.format(queue_id=queue_id), messages, outcomes)
 
-    def _build(self, body: bytes, outcomes: list[decide.Outcome], now: float) -> list[QueuedMessage]:
+    def _build(self, body: bytes, outcomes: list[decide.Outcome], now: float,
+               crlf: bool = False) -> list[QueuedMessage]:
         """One message per group of recipients with the same state and header edits;
         a discarded recipient is only recorded."""
         policy = self.tx_policy
@@ -452,7 +454,8 @@ class Session:
                 id=queue_id, mail_from=mail_from, recipients=[(a, a.rpartition("@")[2]) for a in addresses],
                 body=data, received_at=now, state=state, reason=reason or None, message_id=message_id,
                 connection_id=facts.connection_id, listener=facts.listener, client_ip=facts.peer_ip,
-                helo=facts.helo, tls=tls, auth_user=facts.auth_user, verdicts=trace))
+                helo=facts.helo, tls=tls, auth_user=facts.auth_user, verdicts=trace,
+                crlf=crlf and msgs.crlf_head(data)))
         return out          # nothing queued (all discarded): end_transaction keeps the rows
 
     def end_transaction(self) -> None:

@@ -109,9 +109,10 @@ class QueuedMessage:
     # Set by the engine when delivery takes the message straight from memory: it is
     # stored already leased (state active) until then, so a crash gives it back.
     lease_until: float | None = None
-    # Every line of ``body`` ends with CRLF (found on receipt): delivery sends it as
-    # it is instead of scanning it for bare CR and LF again.
-    crlf: bool = False
+    # Every line of ``body`` ends with CRLF and none begins with a dot (found on
+    # receipt): delivery sends it as it is, instead of scanning it again for bare CR
+    # and LF and for dots to stuff.
+    wire_ready: bool = False
 
     @property
     def size(self) -> int:

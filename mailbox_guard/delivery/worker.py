@@ -172,7 +172,8 @@ class Delivery:
         lease_until set); its slot was reserved."""
         self.unreserve()
         rcpts = sorted(dict.fromkeys(msg.recipients), key=lambda r: (r[1], r[0]))
-        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts, fresh=True, crlf=msg.crlf)
+        leased = Leased(msg.id, msg.mail_from, msg.received_at, 1, msg.body, rcpts, fresh=True,
+                        wire_ready=msg.wire_ready)
         task = asyncio.ensure_future(self._deliver_one(leased))
         self.active.add(task)
         task.add_done_callback(self._task_done)
@@ -303,7 +304,7 @@ class Delivery:
             key = f"hop:{hop}" if hop else f"mx:{domain}"
             groups.setdefault(key, []).append(rcpt)
             hops[key] = hop
-        wire = msg.body if msg.crlf else to_wire(msg.body)
+        wire = msg.body if msg.wire_ready else to_wire(msg.body)
         outcomes: list[RcptOutcome] = []
         results = await asyncio.gather(*(self._deliver_group(msg, wire, key, hops[key], rcpts)
                                          for key, rcpts in groups.items()))
@@ -479,7 +480,7 @@ class Delivery:
         for tries in (0, 1):
             conn, uses = await self._client(target)
             try:
-                tx = await conn.send(msg.mail_from, rcpts, wire)
+                tx = await conn.send(msg.mail_from, rcpts, wire, stuffed=msg.wire_ready)
             except SmtpClientError as exc:
                 conn.close()
                 if uses and tries == 0:

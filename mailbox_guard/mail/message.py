@@ -38,11 +38,12 @@ def line_shape(data: bytes) -> tuple[int, bool]:
             data.endswith(b"\r\n") and sum(map(len, lines)) + 2 * len(lines) == len(data))
 
 
-def crlf_head(data: bytes) -> bool:
-    """Whether the header section of ``data`` (ours, after edits) is complete and
-    has CRLF line ends only: with a body known clean, the whole message is."""
+def wire_ready_head(data: bytes) -> bool:
+    """Whether the header section of ``data`` (ours, after edits) is complete, has
+    CRLF line ends only and no line beginning with a dot: with a body known to be
+    so, the whole message can be sent as it is."""
     section, complete = header_section(data)
-    return complete and line_shape(section)[1]
+    return complete and not section.startswith(b".") and b"\r\n." not in section and line_shape(section)[1]
 
 
 def parse_headers(section: bytes):

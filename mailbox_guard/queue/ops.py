@@ -136,7 +136,7 @@ class Leased:
     body: bytes
     recipients: list[tuple[str, str]]        # pending (address, domain)
     fresh: bool = False      # just committed, never tried: these are all its recipients
-    crlf: bool = False       # its lines all end with CRLF (known on receipt): send as is
+    wire_ready: bool = False     # CRLF only, no line begins with a dot (known on receipt)
 
 
 def load_leased(conn: sqlite3.Connection, message_id: str) -> Leased | None:

@@ -345,10 +345,11 @@ class Session:
         self.tx.recipients.append(address)
         return None, address
 
-    async def data(self, body: bytes, *, crlf: bool = False) -> DataResult:
+    async def data(self, body: bytes, *, wire_ready: bool = False) -> DataResult:
         """End of DATA: DATA checks, an outcome per recipient, the messages queued
-        (committed before the reply), and the one reply. ``crlf``: the receiver
-        found every line of ``body`` ending with CRLF."""
+        (committed before the reply), and the one reply. ``wire_ready``: the
+        receiver found every line of ``body`` ending with CRLF and none beginning
+        with a dot."""
         policy = self.tx_policy
         tx = self.tx
         raw_headers, complete = msgs.header_section(body)      # found once, used twice
@@ -391,7 +392,7 @@ class Session:
             reply = first.reply or replies.S550_SPAM
             self._refused(Phase.DATA, first.recipient, first.deciding, reply)
             return DataResult(reply, [], outcomes)
-        messages = self._build(body, outcomes, now, crlf)
+        messages = self._build(body, outcomes, now, wire_ready)
         if self.deps.commit is not None and messages:
             try:
                 await self.deps.commit(messages)
@@ -414,7 +415,7 @@ class Session:
         return DataResult(replies.S250_QUEUED.format(queue_id=queue_id), messages, outcomes)
 
     def _build(self, body: bytes, outcomes: list[decide.Outcome], now: float,
-               crlf: bool = False) -> list[QueuedMessage]:
+               wire_ready: bool = False) -> list[QueuedMessage]:
         """One message per group of recipients with the same state and header edits;
         a discarded recipient is only recorded."""
         policy = self.tx_policy
@@ -455,7 +456,7 @@ class Session:
                 body=data, received_at=now, state=state, reason=reason or None, message_id=message_id,
                 connection_id=facts.connection_id, listener=facts.listener, client_ip=facts.peer_ip,
                 helo=facts.helo, tls=tls, auth_user=facts.auth_user, verdicts=trace,
-                crlf=crlf and msgs.crlf_head(data)))
+                wire_ready=wire_ready and msgs.wire_ready_head(data)))
         return out          # nothing queued (all discarded): end_transaction keeps the rows
 
     def end_transaction(self) -> None:

@@ -93,7 +93,7 @@ class Handler:
         return replies.S250_RECIPIENT_OK
 
     async def handle_DATA(self, server, session, envelope) -> str:
-        result = await server.guard.data(envelope.original_content, crlf=getattr(envelope, "crlf", False))
+        result = await server.guard.data(envelope.original_content, wire_ready=getattr(envelope, "wire_ready", False))
         return result.reply
 
     async def handle_RSET(self, server, session, envelope) -> str:

@@ -462,13 +462,16 @@ class GuardSMTP(SaslMechanisms, SMTP):
                 scan = 0
         if discarded:
             return replies.S552_TOO_BIG, b""
-        body = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
+        received = bytes(buf)
+        body = received.replace(b"\r\n.", b"\r\n")[2:]
         longest, crlf = line_shape(body)
         if longest > _TEXT_LINE_LIMIT:
             return replies.S500_LINE_TOO_LONG, b""
         if limit and len(body) > limit:
             return replies.S552_TOO_BIG, b""
-        self.envelope.crlf = crlf        # delivery need not scan it again
+        # CRLF line ends only, and no line began with a dot (nothing was unstuffed, so
+        # nothing needs stuffing again): delivery sends it as it is, without a scan.
+        self.envelope.wire_ready = crlf and len(body) == len(received) - 2
         return None, body
 
 

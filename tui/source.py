@@ -128,6 +128,8 @@ class EngineSource(Source):
         self.home = Path(home)
         self.timeout = timeout
         self.client = AsyncControlClient(self.home)
+        self._requests: set[asyncio.Task] = set()     # run on when their caller goes
+        self._closed = False
 
     # ------------------------------------------------------------ control socket
     async def call(self, method: str, **params: Any) -> Any:
@@ -135,7 +137,11 @@ class EngineSource(Source):
         # in half by a caller's cancellation (a reload superseding another) would
         # leave its reply to the next caller. So each request runs to the end in its
         # own task, and a caller that goes away simply stops waiting for it.
+        if self._closed:
+            raise EngineNotRunning("the dashboard is closing")
         task = asyncio.ensure_future(self._call(method, params))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -238,4 +244,12 @@ class EngineSource(Source):
             return await self.read_store(read)
 
     async def close(self) -> None:
+        # A request still running (its caller gone) would open the connection again
+        # after this close, and nobody would close it: end them first.
+        self._closed = True
+        requests = list(self._requests)
+        for task in requests:
+            task.cancel()
+        if requests:
+            await asyncio.gather(*requests, return_exceptions=True)
         self.client.close()

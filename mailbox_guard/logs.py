@@ -42,6 +42,7 @@ class LineWriter(logging.Handler):
         self._thread = threading.Thread(target=self._main, name="log-writer", daemon=True)
         self._second = -1
         self._stamp = ""
+        self.lost = 0          # lines the stream refused; said on the next line that gets through
 
     def start(self) -> "LineWriter":
         self._thread.start()
@@ -78,11 +79,15 @@ class LineWriter(logging.Handler):
                     break
             out = [self._line(item) for item in batch if item is not None]
             if out:
+                if self.lost:
+                    out.insert(0, self._line((time.time(), "ERROR", "mailbox_guard.logs",
+                                              f"{self.lost} log line(s) lost: the log stream refused them")))
                 try:
                     self.stream.write("".join(out))
                     self.stream.flush()
+                    self.lost = 0
                 except (OSError, ValueError):       # stderr closed or full: lines are lost, not the engine
-                    pass
+                    self.lost += len(out)
             if batch[-1] is None:
                 return
 

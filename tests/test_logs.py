@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 
 from mailbox_guard.logs import LineWriter
 
@@ -45,3 +46,26 @@ def test_a_closed_stream_loses_lines_not_the_caller():
     writer.handle(record)
     writer.stop()          # returns: the writer thread did not die on the closed stream
     assert not writer._thread.is_alive()
+    assert writer.lost == 1
+
+
+def test_lost_lines_are_counted_on_the_next_line_that_gets_through():
+    class Flaky(io.StringIO):
+        fail = True
+
+        def write(self, text):
+            if self.fail:
+                self.fail = False
+                raise OSError("no space left on device")
+            return super().write(text)
+
+    out = Flaky()
+    writer = LineWriter(out).start()
+    writer.handle(logging.LogRecord("test.logs", logging.INFO, __file__, 1, "first", None, None))
+    while writer.lost == 0:
+        time.sleep(0.01)
+    writer.handle(logging.LogRecord("test.logs", logging.INFO, __file__, 1, "second", None, None))
+    writer.stop()
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("ERROR mailbox_guard.logs: 1 log line(s) lost: the log stream refused them")
+    assert lines[1].endswith("INFO test.logs: second") and len(lines) == 2

@@ -201,10 +201,10 @@ class Connection:
         return await self.read_reply()
 
     # ------------------------------------------------------------------ mail
-    async def send(self, mail_from: str, rcpts: list[str], wire: bytes, *, stuffed: bool = False) -> Transaction:
+    async def send(self, mail_from: str, rcpts: list[str], wire: bytes, *, wire_ready: bool = False) -> Transaction:
         """One transaction. Connection trouble raises SmtpClientError; refusals are
-        returned as replies. ``stuffed``: no line of ``wire`` begins with a dot (it
-        goes out as it is)."""
+        returned as replies. ``wire_ready``: no line of ``wire`` begins with a dot
+        (it goes out as it is, without a dot-stuffing pass)."""
         params = []
         if "SIZE" in self.extensions:
             params.append(f" SIZE={len(wire)}")
@@ -234,7 +234,7 @@ class Connection:
                 # DATA itself refused although someone was accepted: that is the answer.
                 return Transaction(mail, rcpt_replies, data_start)
             return Transaction(mail, rcpt_replies, None)
-        self._write((wire if stuffed else dot_stuff(wire)) + b".\r\n")
+        self._write((wire if wire_ready else dot_stuff(wire)) + b".\r\n")
         await self._drain()
         return Transaction(mail, rcpt_replies, await self.read_reply())
 

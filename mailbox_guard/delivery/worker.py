@@ -480,7 +480,7 @@ class Delivery:
         for tries in (0, 1):
             conn, uses = await self._client(target)
             try:
-                tx = await conn.send(msg.mail_from, rcpts, wire, stuffed=msg.wire_ready)
+                tx = await conn.send(msg.mail_from, rcpts, wire, wire_ready=msg.wire_ready)
             except SmtpClientError as exc:
                 conn.close()
                 if uses and tries == 0:

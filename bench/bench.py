@@ -151,6 +151,24 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
         return None
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU of a process and of its live children (mailbox_guard's store writer is a
+    process of its own)."""
+    own = cpu_seconds(pid)
+    if own is None:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            own += cpu_seconds(int(entry.name)) or 0.0
+    return own
+
+
 # ----------------------------------------------------------------------------- processes
 try:                                       # looked up here: a child may not read the stdlib
     import ctypes
@@ -231,7 +249,7 @@ class Server:
             raise BenchError(f"{self.name} exited with code {self.proc.returncode} during the bench")
 
     def cpu(self) -> float | None:
-        return cpu_seconds(self.proc.pid) if self.proc is not None else None
+        return tree_cpu_seconds(self.proc.pid) if self.proc is not None else None
 
     def loop_cpu(self) -> float | None:
         """CPU of the event loop's thread: what one core must do per message."""

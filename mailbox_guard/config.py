@@ -249,6 +249,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "How long delivered and bounced messages keep their record and verdict trace."),
     Setting("delivery.concurrency", "20", _int(1, 1000),
             "Messages delivered at the same time."),
+    Setting("delivery.destination_concurrency", "10", _int(1, 1000),
+            "Transactions to one next hop address at the same time (a burst waits for them)."),
     Setting("delivery.port", "25", _int(1, 65535),
             "TCP port of MX hosts (next hops name their own port)."),
     Setting("delivery.connect_timeout", "30s", _float_range(0.1, 600),

@@ -39,7 +39,8 @@ from mailbox_guard.session.session import Deps
 from mailbox_guard.smtp.handler import Handler, assert_hooks
 from mailbox_guard.smtp.server import ConnectionTable, ImplicitTlsServer, Listener, make_protocol
 from mailbox_guard.tls import TlsError, TlsManager
-from mailbox_guard.store.db import DB_NAME, PolicyStore, Readers, StoreError, Writer, ensure_home, policy_sections, state_versions
+from mailbox_guard.store.db import DB_NAME, PolicyStore, Readers, StoreError, ensure_home, policy_sections, state_versions
+from mailbox_guard.store.writer import Writer
 
 log = logging.getLogger("mailbox_guard.engine")
 
@@ -161,7 +162,7 @@ class Engine:
         await self.auth.load_bans()
         await self.auth.load_known()
         await asyncio.to_thread(dummy_hash)     # before any login: failures all take as long
-        n = await self.writer.run(lambda c: q.recover_leases(c, time.time(), expired_only=False))
+        n = await self.writer.run(q.recover_leases, time.time(), expired_only=False)
         if n:
             log.warning("gave back %d message lease(s) left by an engine that did not stop", n)
         self.dns = DnsCache(list(settings["dns.nameservers"]) or None, timeout=settings["dns.timeout"])
@@ -305,7 +306,7 @@ class Engine:
                 await asyncio.wait_for(self._stop.wait(), 3600)
             before = time.time() - self.policy.settings["queue.keep_done"]
             try:
-                n = await self.writer.run(lambda c: q.purge_done(c, before))
+                n = await self.writer.run(q.purge_done, before)
                 if n:
                     log.info("purged %d finished message record(s)", n)
             except Exception as exc:
@@ -324,7 +325,7 @@ class Engine:
                     m.lease_until = time.time() + LEASE_SECONDS
                     handed.append(m)
         try:
-            await self.writer.run(lambda c: [q.insert_message(c, m) for m in msgs])
+            await self.writer.run_many(q.insert_messages, [q.message_rows(m) for m in msgs])
         except BaseException as exc:
             if handed:
                 self.delivery.unreserve(len(handed))
@@ -359,14 +360,14 @@ class Engine:
                "ended_at": time.time(), "messages": proto.messages, "rejected": proto.rejected,
                "tls_version": tls.get("version"), "tls_cipher": tls.get("cipher"),
                "auth_user": facts.auth_user, "auth_mechanism": facts.auth_mechanism}
-        trace = list(proto.guard.conn_trace)
+        trace = q.verdict_rows(facts.connection_id, None, proto.guard.conn_trace)
         task = asyncio.ensure_future(self._record_connection(row, trace))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _record_connection(self, row: dict, trace: list) -> None:
         try:
-            await self.writer.run(lambda c: q.record_connection(c, row, trace))
+            await self.writer.run(q.record_connection, row, trace)
         except Exception as exc:    # the trace of a finished connection is not worth a crash
             log.warning("could not record connection %s: %s", row["id"], exc)
 
@@ -406,9 +407,11 @@ class Engine:
                 "draining": self.draining, "policy_version": self.policy.version,
                 "listeners": self.bound, "connections": len(self.sessions), "queue": counts,
                 "counters": dict(self.counters), "totals": dict(self.stats.totals),
-                "delivery": {"active": len(self.delivery.active) if self.delivery else 0},
+                "delivery": {"active": len(self.delivery.active) if self.delivery else 0,
+                             "agent_pid": self.delivery.agent.pid if self.delivery else None},
                 "store": {"commits": self.writer.commits if self.writer else 0,
-                          "failures": self.writer.failures if self.writer else 0},
+                          "failures": self.writer.failures if self.writer else 0,
+                          "writer_pid": self.writer.pid if self.writer else None},
                 "dns": self.dns.stats() if self.dns else {},
                 "subscribers": self.events.subscribers,
                 "gssapi": {"offered": bool(self.gssapi and self.gssapi.available),

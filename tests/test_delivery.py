@@ -267,3 +267,59 @@ def test_mail_queued_while_delivery_is_busy_goes_out_as_slots_free_up(routed, si
     assert time.monotonic() - sent < 6.0
     routed.wait_until(lambda: routed.query(
         "SELECT count(*) AS n FROM messages WHERE state = 'delivered'")[0]["n"] == 15, what="all delivered")
+
+
+def _helpers_of(pid: int, marker: str) -> list[int]:
+    """Live child processes of ``pid`` whose command line names ``marker``."""
+    from pathlib import Path
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_text(errors="replace")
+        except OSError:
+            continue
+        if stat[1] == str(pid) and stat[0] != "Z" and marker in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def test_a_killed_delivery_agent_defers_and_a_new_agent_delivers(routed, sink):
+    """The SMTP client work runs in the delivery agent process. Killed in the middle
+    of a transaction, its delivery is deferred (nothing lost) and the retry, by a
+    new agent, delivers."""
+    import os
+    import signal
+    calls = []
+
+    def slow_first(address):
+        calls.append(address)
+        if len(calls) == 1:
+            time.sleep(2)         # the agent waits on this reply when it is killed
+        return None
+
+    sink.rcpt_reply = slow_first
+    routed.start()
+    with routed.smtp() as s:
+        s.sendmail("alice@sender.test", ["bob@example.test"], make_message(subject="agent death"))
+    routed.wait_until(lambda: calls, what="the agent's RCPT at the sink")
+    agents = _helpers_of(routed.proc.pid, "delivery.agent")
+    assert len(agents) == 1, f"delivery agents of the engine: {agents}"
+    os.kill(agents[0], signal.SIGKILL)
+    got = sink.wait_for(1, timeout=30)
+    assert got[0].rcpt_tos == ["bob@example.test"]
+    routed.wait_until(lambda: routed.query("SELECT state FROM messages")[0]["state"] == "delivered",
+                      what="delivered state")
+    outcomes = [r["outcome"] for r in routed.query("SELECT outcome FROM delivery_log ORDER BY id")]
+    assert outcomes == ["deferred", "delivered"], outcomes
+    assert "delivery agent connection lost" in routed.log()
+    engine_pid = routed.proc.pid
+    new_agents = _helpers_of(engine_pid, "delivery.agent")
+    assert len(new_agents) == 1 and new_agents != agents
+    assert routed.stop() == 0
+    from pathlib import Path
+    state = Path(f"/proc/{new_agents[0]}/stat")
+    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z", \
+        "the delivery agent outlived its engine"

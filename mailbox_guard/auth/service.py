@@ -26,7 +26,8 @@ from mailbox_guard.auth.users import (SCRAM_SALT_BYTES, Account, hash_password, 
 from mailbox_guard.text import printable
 
 if TYPE_CHECKING:   # pragma: no cover
-    from mailbox_guard.store.db import Readers, Writer
+    from mailbox_guard.store.db import Readers
+    from mailbox_guard.store.writer import Writer
 
 log = logging.getLogger("mailbox_guard.auth")
 
@@ -60,6 +61,13 @@ def _salt_key(path) -> bytes:
     except OSError as exc:        # still works for this run; the next may differ
         log.warning("cannot keep %s: %s", path, exc.strerror)
     return data
+
+
+def remember_network(conn, login: str, network: str, now: float) -> None:
+    """(In the store writer) the network ``login`` last logged in from, and when."""
+    conn.execute("INSERT INTO auth_known (login, network, last_seen) VALUES (?, ?, ?) "
+                 "ON CONFLICT(login, network) DO UPDATE SET last_seen = excluded.last_seen",
+                 (login, network, now))
 
 
 def network_of(ip: str) -> str:
@@ -160,10 +168,7 @@ class AuthService:
             return
         seen[network] = now
         try:
-            await self.writer.run(lambda c: c.execute(
-                "INSERT INTO auth_known (login, network, last_seen) VALUES (?, ?, ?) "
-                "ON CONFLICT(login, network) DO UPDATE SET last_seen = excluded.last_seen",
-                (login, network, now)))
+            await self.writer.run(remember_network, login, network, now)
         except Exception as exc:      # still known in memory for this run
             log.error("could not store a known network of %s: %s", printable(login, 128), exc)
 
@@ -190,8 +195,7 @@ class AuthService:
                 log.warning("auth: %s banned until %s after %d failures", printable(key, 128),
                             time.strftime("%H:%M:%S", time.localtime(until)), limit)
                 try:
-                    await self.writer.run(lambda c, key=key, until=until, n=limit:
-                                          stored_bans.record(c, key, until, n, now))
+                    await self.writer.run(stored_bans.record, key, until, limit, now)
                 except Exception as exc:      # the ban still holds in memory
                     log.error("could not store the ban of %s: %s", printable(key, 128), exc)
         if len(self.failures) > 100000:       # bounded: forget the oldest counters
@@ -217,5 +221,5 @@ class AuthService:
         would tell it from the answers for unknown logins): made again from the
         password just verified."""
         new_hash = await asyncio.to_thread(hash_password, password)
-        await self.writer.run(lambda c: set_password_hash(c, account.name, new_hash, password))
+        await self.writer.run(set_password_hash, account.name, new_hash, password)
         log.info("password hash of %s upgraded to the current parameters (and its SCRAM keys)", account.name)

@@ -285,33 +285,33 @@ class ControlServer:
             raise ControlError("not_found", f"no live connection {params.get('id')}")
         return {"killed": params["id"]}
 
-    async def _queue_action(self, fn) -> Any:
-        result = await self.engine.writer.run(fn)
+    async def _queue_action(self, fn, *args, **kwargs) -> Any:
+        result = await self.engine.writer.run(fn, *args, **kwargs)
         if self.engine.delivery is not None:
             self.engine.delivery.kick()
         return result
 
     async def _retry(self, params: dict) -> dict:
         key = self._id(params)
-        await self._queue_action(lambda c: q.retry_now(c, key.upper(), time.time()))
+        await self._queue_action(q.retry_now, key.upper(), time.time())
         return {"retry": key.upper()}
 
     async def _flush(self, params: dict) -> dict:
-        return {"flushed": await self._queue_action(lambda c: q.flush(c, time.time()))}
+        return {"flushed": await self._queue_action(q.flush, time.time())}
 
     async def _hold(self, params: dict) -> dict:
         key = self._id(params)
-        await self._queue_action(lambda c: q.hold(c, key.upper()))
+        await self._queue_action(q.hold, key.upper())
         return {"held": key.upper()}
 
     async def _release(self, params: dict) -> dict:
         key = self._id(params)
-        await self._queue_action(lambda c: q.release(c, key.upper(), time.time()))
+        await self._queue_action(q.release, key.upper(), time.time())
         return {"released": key.upper()}
 
     async def _delete(self, params: dict) -> dict:
         key = self._id(params)
-        await self._queue_action(lambda c: q.delete(c, key.upper()))
+        await self._queue_action(q.delete, key.upper())
         return {"deleted": key.upper()}
 
     async def _bulk(self, params: dict) -> dict:
@@ -323,8 +323,7 @@ class ControlServer:
             raise ControlError("bad_request", "states must be a list of strings")
         if to_domain is not None and (not isinstance(to_domain, str) or len(to_domain) > 255):
             raise ControlError("bad_request", "to_domain must be a domain name")
-        ids = await self._queue_action(lambda c: q.bulk(c, action, now=time.time(), states=states,
-                                                        to_domain=to_domain))
+        ids = await self._queue_action(q.bulk, action, now=time.time(), states=states, to_domain=to_domain)
         return {"action": action, "ids": ids}
 
     async def _reload(self, params: dict) -> dict:
@@ -337,7 +336,7 @@ class ControlServer:
 
     async def _unban(self, params: dict) -> dict:
         key = self._id(params)
-        if not await self.engine.writer.run(lambda c: bans.remove(c, key)):
+        if not await self.engine.writer.run(bans.remove, key):
             raise ControlError("not_found", f"no ban for {key}")
         await self.engine.reload_policy()
         return {"unbanned": key}

@@ -1,8 +1,9 @@
 """Delivery: lease due messages, relay them onward, record the outcome.
 
 Recipients are grouped by route: a guarded domain's next hop, or the domain's MX
-hosts (by preference, A/AAAA fallback, RFC 7505 null MX honoured). Connections to a
-next hop are reused for a few seconds. A 4xx or an unreachable host defers the
+hosts (by preference, A/AAAA fallback, RFC 7505 null MX honoured). The SMTP client
+work is done by the delivery agent (:mod:`mailbox_guard.delivery.agent`, a process of
+its own), which reuses connections to a next hop for a few seconds. A 4xx or an unreachable host defers the
 recipient on the retry schedule; a 5xx or expiry bounces it, with one DSN from the
 null sender per attempt that failed recipients (never for a bounce). Whatever arrived,
 what leaves has CRLF line endings only and correct dot-stuffing.
@@ -12,28 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
 import sqlite3
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
 from mailbox_guard.config import parse_hostport
 from mailbox_guard.lookups.dns import DnsError, DnsTempError
 from mailbox_guard.mail.dsn import FailedRecipient, build_dsn, human_duration, message_id_of
-from mailbox_guard.delivery.client import (Connection, Reply, SmtpClientError, Transaction,
-                          opportunistic_tls_context)
-from mailbox_guard.queue.ops import (Leased, NewMessage, RcptOutcome, finish_attempt, lease_due, load_leased,
-                                     new_queue_id, next_due, recover_leases)
-from mailbox_guard.text import printable
+from mailbox_guard.delivery.agent import Agent, RouteFailure, Target, one_line
+from mailbox_guard.delivery.client import Reply, Transaction
+from mailbox_guard.queue.ops import (Attempt, Leased, NewMessage, RcptOutcome, finish_attempts, lease_due, load_leased,
+                                     message_rows, new_queue_id, next_due, recover_leases)
 
 if TYPE_CHECKING:   # pragma: no cover
     from mailbox_guard.events import EventBus, Stats
     from mailbox_guard.lookups.dns import DnsCache
-    from mailbox_guard.store.db import Readers, Writer
+    from mailbox_guard.store.db import Readers
+    from mailbox_guard.store.writer import Writer
 
 log = logging.getLogger("mailbox_guard.delivery")
 
@@ -60,64 +61,6 @@ def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
 
 
-@dataclass
-class Target:
-    ip: str
-    port: int
-    name: str
-
-
-class _RouteFailure(Exception):
-    """No target could take the message: defer (temp) or bounce (perm) everyone."""
-
-    def __init__(self, permanent: bool, reply: str, status: str, remote: str | None = None):
-        super().__init__(reply)
-        self.permanent, self.reply, self.status, self.remote = permanent, reply, status, remote
-
-
-class _Pool:
-    """Idle SMTP client connections per (ip, port), reused for a short while."""
-
-    IDLE = 10.0
-    MAX_USES = 100
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], list[tuple[Connection, float, int]]] = {}
-
-    def take(self, key: tuple[str, int]) -> tuple[Connection, int] | None:
-        now = time.monotonic()
-        stack = self._idle.get(key) or []
-        while stack:
-            client, since, uses = stack.pop()
-            if now - since < self.IDLE and client.usable:
-                return client, uses
-            client.close()
-        return None
-
-    def give(self, key: tuple[str, int], client: Connection, uses: int) -> None:
-        if uses >= self.MAX_USES or not client.usable:
-            client.close()
-            return
-        self._idle.setdefault(key, []).append((client, time.monotonic(), uses))
-
-    def prune(self) -> None:
-        now = time.monotonic()
-        for key, stack in list(self._idle.items()):
-            keep = []
-            for client, since, uses in stack:
-                if now - since < self.IDLE and client.usable:
-                    keep.append((client, since, uses))
-                else:
-                    client.close()
-            self._idle[key] = keep
-
-    def close_all(self) -> None:
-        for stack in self._idle.values():
-            for client, _, _ in stack:
-                client.close()
-        self._idle.clear()
-
-
 class Delivery:
     """The delivery loop and its tasks. What it needs from the engine is given to it:
     the current policy snapshot and DNS cache (both swapped on reload, hence
@@ -141,10 +84,9 @@ class Delivery:
         # over from memory leaves nothing to look for, and a look costs a store
         # transaction on the writer every 250 waits for.
         self._backlog = True
-        self.pool = _Pool()
+        self.agent = Agent()        # the SMTP client work, in a process of its own
         self.active: set[asyncio.Task] = set()
         self.stopping = False
-        self._tls = opportunistic_tls_context()
         self._reserved = 0          # slots promised to messages being committed
 
     # ------------------------------------------------------------------ hand-off
@@ -182,6 +124,10 @@ class Delivery:
     async def run(self) -> None:
         """The delivery loop; an unexpected error is logged and the loop goes on (a
         dead loop would leave the gateway answering 250 and delivering nothing)."""
+        try:
+            self.agent.start()        # booted before the first message needs it
+        except RouteFailure as exc:   # the first delivery tries again
+            log.error("%s", exc.reply)
         while not self.stopping:
             try:
                 await self._run()
@@ -201,19 +147,17 @@ class Delivery:
             if now - last_sweep > 30:
                 last_sweep = now
                 try:
-                    n = await self.writer.run(lambda c: recover_leases(c, now, expired_only=True))
+                    n = await self.writer.run(recover_leases, now, expired_only=True)
                 except sqlite3.Error as exc:     # the next sweep tries again
                     log.error("lease sweep failed: %s", exc)
                 else:
                     if n:
                         log.warning("gave back %d expired lease(s)", n)
-                self.pool.prune()
             ids: list[str] = []
             if free > 0:
                 self._backlog = False     # set again by a kick while we look
                 try:
-                    ids = await self.writer.run(
-                        lambda c: lease_due(c, now, min(free, 64), LEASE_SECONDS))
+                    ids = await self.writer.run(lease_due, now, min(free, 64), LEASE_SECONDS)
                 except Exception as exc:     # store trouble: try again shortly
                     log.error("leasing failed: %s", exc)
                     self._backlog = True
@@ -263,7 +207,7 @@ class Delivery:
             await asyncio.wait(list(self.active), timeout=timeout)
             for task in list(self.active):
                 task.cancel()
-        self.pool.close_all()
+        await self.agent.close()
 
     # ------------------------------------------------------------------ one message
     async def _persist(self, message_id: str, what: str, op):
@@ -305,11 +249,14 @@ class Delivery:
             groups.setdefault(key, []).append(rcpt)
             hops[key] = hop
         wire = msg.body if msg.wire_ready else to_wire(msg.body)
-        outcomes: list[RcptOutcome] = []
-        results = await asyncio.gather(*(self._deliver_group(msg, wire, key, hops[key], rcpts)
-                                         for key, rcpts in groups.items()))
-        for r in results:
-            outcomes.extend(r)
+        if len(groups) == 1:             # the usual case: no task per route
+            (key, rcpts), = groups.items()
+            outcomes = await self._deliver_group(msg, wire, key, hops[key], rcpts)
+        else:
+            outcomes = []
+            for r in await asyncio.gather(*(self._deliver_group(msg, wire, key, hops[key], rcpts)
+                                            for key, rcpts in groups.items())):
+                outcomes.extend(r)
         await self._finish(msg, outcomes)
 
     async def _finish(self, msg: Leased, outcomes: list[RcptOutcome]) -> None:
@@ -328,16 +275,17 @@ class Delivery:
         failed = [o for o in outcomes if o.outcome == "bounced"]
         dsn = self._dsn(msg, failed, now) if failed and msg.mail_from else None
         last_error = pending[0].reply if pending and not expired else (failed[0].reply if failed else None)
-        await self._persist(msg.id, "record the delivery attempt", lambda: self.writer.run(
-            lambda c: finish_attempt(c, msg.id, outcomes, now=now, next_attempt=next_attempt,
-                                     last_error=last_error, dsn=dsn, fresh=msg.fresh)))
+        attempt = Attempt(msg.id, [(o.recipient, o.outcome, o.reply, o.remote) for o in outcomes], now,
+                          next_attempt, last_error, message_rows(dsn) if dsn is not None else None, msg.fresh)
+        await self._persist(msg.id, "record the delivery attempt",
+                            lambda: self.writer.run_many(finish_attempts, attempt))
         stats, events = self.stats, self.events
         for o in outcomes:
             stats.count(o.outcome)
             events.publish("delivery", id=msg.id, recipient=o.recipient, outcome=o.outcome,
                            remote=o.remote, reply=o.reply[:300])
-            log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, _one_line(o.recipient), o.outcome,
-                     o.remote or "-", _one_line(o.reply[:200]))
+            log.info("%s to=<%s> %s remote=%s reply=%s", msg.id, one_line(o.recipient), o.outcome,
+                     o.remote or "-", one_line(o.reply[:200]))
         if dsn is not None:
             self.kick()
         elif failed:
@@ -373,26 +321,25 @@ class Delivery:
         dns = self.dns()
         port = self.policy().settings["delivery.port"]
         if hop:
-            host, hop_port = parse_hostport(hop, default_port=25)
-            host = host.strip("[]")
-            if _is_ip(host):
+            host, hop_port, literal = _hop(hop)
+            if literal:
                 return [Target(host, hop_port, host)]
             try:
                 addrs = await dns.resolve_addresses(host)
             except DnsTempError as exc:
-                raise _RouteFailure(False, f"4.4.3 next hop {host}: DNS lookup failed ({exc})", "4.4.3")
+                raise RouteFailure(False, f"4.4.3 next hop {host}: DNS lookup failed ({exc})", "4.4.3")
             if not addrs:
-                raise _RouteFailure(False, f"4.4.4 next hop {host} has no address", "4.4.4")
+                raise RouteFailure(False, f"4.4.4 next hop {host} has no address", "4.4.4")
             return [Target(a, hop_port, host) for a in addrs]
         domain = key[3:]
         try:
             mx = await dns.resolve_mx(domain)
         except DnsTempError as exc:
-            raise _RouteFailure(False, f"4.4.3 {domain}: MX lookup failed ({exc})", "4.4.3")
+            raise RouteFailure(False, f"4.4.3 {domain}: MX lookup failed ({exc})", "4.4.3")
         if mx.status == "null_mx":
-            raise _RouteFailure(True, f"556 5.1.10 {domain} does not accept mail (null MX)", "5.1.10")
+            raise RouteFailure(True, f"556 5.1.10 {domain} does not accept mail (null MX)", "5.1.10")
         if mx.status in ("nxdomain", "no_host"):
-            raise _RouteFailure(True, f"550 5.1.2 {domain}: host or domain name not found", "5.1.2")
+            raise RouteFailure(True, f"550 5.1.2 {domain}: host or domain name not found", "5.1.2")
         targets: list[Target] = []
         temp_errors = 0
         for _pref, host in mx.hosts:
@@ -404,8 +351,8 @@ class Delivery:
             targets.extend(Target(a, port, host) for a in addrs)
         if not targets:
             if temp_errors:
-                raise _RouteFailure(False, f"4.4.3 {domain}: MX host lookup failed", "4.4.3")
-            raise _RouteFailure(True, f"550 5.4.4 {domain}: MX hosts have no address", "5.4.4")
+                raise RouteFailure(False, f"4.4.3 {domain}: MX host lookup failed", "4.4.3")
+            raise RouteFailure(True, f"550 5.4.4 {domain}: MX hosts have no address", "5.4.4")
         return targets
 
     async def _deliver_group(self, msg: Leased, wire: bytes, key: str, hop: str | None,
@@ -427,7 +374,7 @@ class Delivery:
                            rcpts: list[str]) -> list[RcptOutcome]:
         try:
             targets = await self._targets(key, hop)
-        except _RouteFailure as fail:
+        except RouteFailure as fail:
             outcome = "bounced" if fail.permanent else "deferred"
             return [RcptOutcome(r, outcome, fail.reply, fail.remote) for r in rcpts]
         last = "4.4.1 no next hop could be reached"
@@ -438,7 +385,7 @@ class Delivery:
                                     f"({target.name}[{target.ip}]:{target.port})", target.name) for r in rcpts]
             try:
                 return await self._send(target, msg, wire, rcpts)
-            except _RouteFailure as fail:
+            except RouteFailure as fail:
                 last, remote = fail.reply, fail.remote
                 if fail.permanent:
                     return [RcptOutcome(r, "bounced", fail.reply, fail.remote) for r in rcpts]
@@ -460,50 +407,20 @@ class Delivery:
                     return True
         return False
 
-    async def _client(self, target: Target) -> tuple[Connection, int]:
-        settings = self.policy().settings
-        reused = self.pool.take((target.ip, target.port))
-        if reused is not None:
-            return reused
-        try:
-            conn = await Connection.open(
-                target.ip, target.port, helo=settings["smtp.hostname"],
-                connect_timeout=settings["delivery.connect_timeout"],
-                command_timeout=settings["delivery.command_timeout"],
-                name=target.name, tls=self._tls)
-        except SmtpClientError as exc:      # its text names the address already
-            where = f"{target.name}: " if target.name != target.ip else ""
-            raise _RouteFailure(False, f"4.4.1 {where}{_one_line(exc)}", "4.4.1", target.name) from None
-        return conn, 0
-
     async def _send(self, target: Target, msg: Leased, wire: bytes, rcpts: list[str]) -> list[RcptOutcome]:
-        for tries in (0, 1):
-            conn, uses = await self._client(target)
-            try:
-                tx = await conn.send(msg.mail_from, rcpts, wire, wire_ready=msg.wire_ready)
-            except SmtpClientError as exc:
-                conn.close()
-                if uses and tries == 0:
-                    continue     # a reused connection the next hop had dropped: once more
-                raise _RouteFailure(False, f"4.4.2 {target.name}[{target.ip}]:{target.port}: {_one_line(exc)}",
-                                    "4.4.2", target.name) from None
-            return self._outcomes(conn, uses, target, tx, rcpts)
-        raise _RouteFailure(False, "4.4.2 connection lost", "4.4.2", target.name)
+        settings = self.policy().settings
+        tx = await self.agent.send(target, helo=settings["smtp.hostname"],
+                                   connect_timeout=settings["delivery.connect_timeout"],
+                                   command_timeout=settings["delivery.command_timeout"],
+                                   per_destination=settings["delivery.destination_concurrency"],
+                                   mail_from=msg.mail_from, rcpts=rcpts, wire=wire, wire_ready=msg.wire_ready)
+        return self._outcomes(target, tx, rcpts)
 
-    def _outcomes(self, conn: Connection, uses: int, target: Target, tx: Transaction,
-                  rcpts: list[str]) -> list[RcptOutcome]:
+    def _outcomes(self, target: Target, tx: Transaction, rcpts: list[str]) -> list[RcptOutcome]:
         remote = target.name
-        key = (target.ip, target.port)
-        clean = tx.data is not None and tx.data.code == 250
-        if clean:
-            self.pool.give(key, conn, uses + 1)
-        else:
-            # A refused transaction leaves state behind on the next hop: reset it
-            # before the connection is used again (in the background).
-            asyncio.ensure_future(self._reset_and_return(key, conn, uses + 1))
         if not tx.mail.ok:
             if tx.mail.code < 500:
-                raise _RouteFailure(False, _reply(tx.mail), "4.0.0", remote)
+                raise RouteFailure(False, _reply(tx.mail), "4.0.0", remote)
             return [RcptOutcome(r, "bounced", _reply(tx.mail), remote) for r in rcpts]
         out = []
         for rcpt, reply in zip(rcpts, tx.rcpts):
@@ -518,11 +435,13 @@ class Delivery:
                 out.append(RcptOutcome(rcpt, "delivered", _reply(tx.data), remote))
         return out
 
-    async def _reset_and_return(self, key: tuple[str, int], conn: Connection, uses: int) -> None:
-        if await conn.rset():
-            self.pool.give(key, conn, uses)
-        else:
-            conn.close()
+
+@functools.lru_cache(maxsize=1024)
+def _hop(hop: str) -> tuple[str, int, bool]:
+    """A next hop's host, port and whether the host is an address (parsed once)."""
+    host, port = parse_hostport(hop, default_port=25)
+    host = host.strip("[]")
+    return host, port, _is_ip(host)
 
 
 def _is_ip(host: str) -> bool:
@@ -533,11 +452,5 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def _one_line(value: object) -> str:
-    """One printable line, its runs of whitespace made one space: nothing a remote
-    server or an address could use to forge a log line."""
-    return printable(" ".join(str(value).split()), 500)
-
-
 def _reply(reply: Reply) -> str:
-    return f"{reply.code} {_one_line(reply.text)}"
+    return f"{reply.code} {one_line(reply.text)}"

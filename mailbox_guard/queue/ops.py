@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mailbox_guard.model import QueuedMessage, Verdict
 from mailbox_guard.queue import states as st
@@ -40,12 +41,12 @@ def new_queue_id(now: float | None = None) -> str:
 NewMessage = QueuedMessage
 
 
-def _verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Verdict]):
+def verdict_rows(connection_id: str, message_id: str | None, verdicts: list[Verdict]) -> list[tuple]:
     return [(connection_id, message_id, v.seq, v.at, v.phase, v.subject, v.check, v.symbol,
              v.score, v.action, v.reply, v.detail) for v in verdicts]
 
 
-_ROWS_PER_STATEMENT = 500       # x 12 columns: well under SQLite's 32766 variables
+_ROWS_PER_STATEMENT = 500       # x 16 columns at most: well under SQLite's 32766 variables
 
 
 def insert_rows(conn: sqlite3.Connection, head: str, rows: list[tuple]) -> None:
@@ -60,29 +61,60 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: list[tuple]) -> None:
         conn.execute(f"{head} VALUES {','.join([marks] * len(part))}", [v for row in part for v in row])
 
 
+def update_rows(conn: sqlite3.Connection, head: str, where: str, rows: list[tuple]) -> None:
+    """``UPDATE ... FROM (VALUES ...) AS v WHERE ...``: one statement for many rows
+    (as :func:`insert_rows`). ``head`` and ``where`` name the values v.column1, ...;
+    ``where`` must find each target row by its key."""
+    if not rows:
+        return
+    marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+        part = rows[i:i + _ROWS_PER_STATEMENT]
+        conn.execute(f"{head} FROM (VALUES {','.join([marks] * len(part))}) AS v {where}",
+                     [v for row in part for v in row])
+
+
 _VERDICTS = ("INSERT INTO verdicts (connection_id, message_id, seq, at, phase, subject, check_name, "
              "symbol, score, action, reply, detail)")
+_MESSAGES = ("INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, "
+             "connection_id, listener, client_ip, reason, helo, tls, auth_user, lease_until, attempts)")
 
 
-def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
+def _message_row(m: NewMessage) -> tuple:
     # A message handed to delivery in memory is stored leased: its first attempt is
     # counted, and a crash before it is done gives the lease back (recover_leases).
     leased = m.lease_until is not None and m.state == st.INCOMING
-    conn.execute(
-        "INSERT INTO messages (id, state, mail_from, message_id, size, received_at, next_attempt, "
-        "connection_id, listener, client_ip, reason, helo, tls, auth_user, lease_until, attempts) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.id, st.ACTIVE if leased else m.state, m.mail_from, m.message_id, m.size, m.received_at,
-         m.received_at, m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user,
-         m.lease_until if leased else None, 1 if leased else 0))
-    conn.execute("INSERT INTO message_bodies (message_id, data) VALUES (?, ?)", (m.id, m.body))
+    return (m.id, st.ACTIVE if leased else m.state, m.mail_from, m.message_id, m.size, m.received_at,
+            m.received_at, m.connection_id, m.listener, m.client_ip, m.reason, m.helo, m.tls, m.auth_user,
+            m.lease_until if leased else None, 1 if leased else 0)
+
+
+def message_rows(m: NewMessage) -> tuple:
+    """A message as the rows it is stored as: what crosses to the writer process
+    (plain tuples pickle several times faster than the dataclasses)."""
+    return (_message_row(m), (m.id, m.body), [(m.id, r, d, PENDING) for r, d in m.recipients],
+            verdict_rows(m.connection_id or "", m.id, m.verdicts))
+
+
+def insert_messages(conn: sqlite3.Connection, groups: list[list[tuple]]) -> list[list[str]]:
+    """Store the messages (:func:`message_rows`) of several DATA commands, one group
+    each, with one statement per table (``Writer.run_many``); returns each group's
+    queue ids."""
+    msgs = [rows for g in groups for rows in g]
+    insert_rows(conn, _MESSAGES, [r[0] for r in msgs])
+    insert_rows(conn, "INSERT INTO message_bodies (message_id, data)", [r[1] for r in msgs])
     insert_rows(conn, "INSERT OR IGNORE INTO message_recipients (message_id, recipient, domain, state)",
-                [(m.id, r, d, PENDING) for r, d in m.recipients])
-    insert_rows(conn, _VERDICTS, _verdict_rows(m.connection_id or "", m.id, m.verdicts))
-    return m.id
+                [x for r in msgs for x in r[2]])
+    insert_rows(conn, _VERDICTS, [x for r in msgs for x in r[3]])
+    return [[r[0][0] for r in g] for g in groups]
 
 
-def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[Verdict]) -> None:
+def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
+    return insert_messages(conn, [[message_rows(m)]])[0][0]
+
+
+def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[tuple]) -> None:
+    """``verdicts``: the connection's trace as rows (:func:`verdict_rows`)."""
     conn.execute(
         "INSERT INTO connections (id, listener, peer_ip, peer_port, helo, started_at, ended_at, "
         "messages, rejected, tls_version, tls_cipher, auth_user, auth_mechanism) VALUES (:id, :listener, "
@@ -92,7 +124,7 @@ def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[Verdic
         "tls_version=excluded.tls_version, tls_cipher=excluded.tls_cipher, auth_user=excluded.auth_user, "
         "auth_mechanism=excluded.auth_mechanism",
         {"tls_version": None, "tls_cipher": None, "auth_user": None, "auth_mechanism": None, **row})
-    insert_rows(conn, _VERDICTS, _verdict_rows(row["id"], None, verdicts))
+    insert_rows(conn, _VERDICTS, verdicts)
 
 
 def recover_leases(conn: sqlite3.Connection, now: float, *, expired_only: bool) -> int:
@@ -159,45 +191,85 @@ class RcptOutcome:
     remote: str | None
 
 
-def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[RcptOutcome], *,
-                   now: float, next_attempt: float | None, last_error: str | None,
-                   dsn: NewMessage | None, fresh: bool = False) -> str:
-    """Record one delivery attempt and move the message to its next state.
+class Attempt(NamedTuple):
+    """The end of one delivery attempt of one message (see :func:`finish_attempts`);
+    plain data, as it crosses to the writer process."""
+    message_id: str
+    outcomes: list[tuple[str, str, str, str | None]]    # (recipient, outcome, reply, remote)
+    now: float
+    next_attempt: float | None
+    last_error: str | None
+    dsn: tuple | None = None           # the bounce, as message_rows()
+    fresh: bool = False
+
+
+_RCPT_STATE = {"delivered": DELIVERED, "bounced": BOUNCED}
+
+
+def finish_attempts(conn: sqlite3.Connection, attempts: list[Attempt]) -> list[str]:
+    """Record delivery attempts and move each message to its next state (its new
+    state is returned, in order); one statement per table for all of them
+    (``Writer.run_many``).
 
     ``fresh``: the message's first attempt, and ``outcomes`` name every recipient it
-    has (its state follows from them, without asking the store). The bounce (if any)
+    has (its state follows from them, without asking the store). A bounce (if any)
     is queued in the same transaction, so a crash can neither lose it nor send it
     twice.
     """
-    states = [{"delivered": DELIVERED, "bounced": BOUNCED}.get(o.outcome, PENDING) for o in outcomes]
-    conn.executemany("UPDATE message_recipients SET state = ?, attempts = attempts + 1, "
-                     "last_attempt = ?, last_reply = ?, remote = ? "
-                     "WHERE message_id = ? AND recipient = ?",
-                     [(state, now, o.reply[:1000], o.remote, message_id, o.recipient)
-                      for state, o in zip(states, outcomes)])
-    insert_rows(conn, "INSERT INTO delivery_log (message_id, recipient, at, outcome, remote, reply)",
-                [(message_id, o.recipient, now, o.outcome, o.remote, o.reply[:1000]) for o in outcomes])
-    if fresh:
-        pending, bounced = PENDING in states, BOUNCED in states
-    else:
-        counts = dict(conn.execute("SELECT state, count(*) FROM message_recipients "
-                                   "WHERE message_id = ? GROUP BY state", (message_id,)).fetchall())
-        pending, bounced = bool(counts.get(PENDING)), bool(counts.get(BOUNCED))
-    if pending:
-        state = st.DEFERRED
-        conn.execute(f"UPDATE messages SET state = '{st.DEFERRED}', lease_until = NULL, next_attempt = ?, "
-                     f"last_error = ? WHERE id = ? AND state = '{st.ACTIVE}'",
-                     (next_attempt if next_attempt is not None else now, last_error, message_id))
-    else:
-        state = st.BOUNCED if bounced else st.DELIVERED
-        conn.execute("UPDATE messages SET state = ?, lease_until = NULL, done_at = ?, last_error = ? "
-                     f"WHERE id = ? AND state = '{st.ACTIVE}'", (state, now, last_error, message_id))
-        # The body is not needed any more; the record and its verdict trace stay
-        # until queue.keep_done has passed.
-        conn.execute("DELETE FROM message_bodies WHERE message_id = ?", (message_id,))
-    if dsn is not None and conn.execute("SELECT 1 FROM messages WHERE id = ?", (dsn.id,)).fetchone() is None:
-        insert_message(conn, dsn)      # (a retried attempt must not queue its bounce twice)
-    return state
+    rcpt_rows, log_rows = [], []
+    for a in attempts:
+        for recipient, outcome, reply, remote in a.outcomes:
+            reply = reply[:1000]
+            rcpt_rows.append((_RCPT_STATE.get(outcome, PENDING), a.now, reply, remote, a.message_id, recipient))
+            log_rows.append((a.message_id, recipient, a.now, outcome, remote, reply))
+    update_rows(conn, "UPDATE message_recipients SET state = v.column1, attempts = attempts + 1, "
+                "last_attempt = v.column2, last_reply = v.column3, remote = v.column4",
+                "WHERE message_recipients.message_id = v.column5 AND message_recipients.recipient = v.column6",
+                rcpt_rows)
+    insert_rows(conn, "INSERT INTO delivery_log (message_id, recipient, at, outcome, remote, reply)", log_rows)
+    states, deferred, done = [], [], []
+    for a in attempts:
+        if a.fresh:
+            mine = {_RCPT_STATE.get(o[1], PENDING) for o in a.outcomes}
+            pending, bounced = PENDING in mine, BOUNCED in mine
+        else:
+            counts = dict(conn.execute("SELECT state, count(*) FROM message_recipients "
+                                       "WHERE message_id = ? GROUP BY state", (a.message_id,)).fetchall())
+            pending, bounced = bool(counts.get(PENDING)), bool(counts.get(BOUNCED))
+        if pending:
+            states.append(st.DEFERRED)
+            deferred.append((a.next_attempt if a.next_attempt is not None else a.now, a.last_error,
+                             a.message_id))
+        else:
+            state = st.BOUNCED if bounced else st.DELIVERED
+            states.append(state)
+            done.append((state, a.now, a.last_error, a.message_id))
+    update_rows(conn, f"UPDATE messages SET state = '{st.DEFERRED}', lease_until = NULL, "
+                "next_attempt = v.column1, last_error = v.column2",
+                f"WHERE messages.id = v.column3 AND messages.state = '{st.ACTIVE}'", deferred)
+    update_rows(conn, "UPDATE messages SET state = v.column1, lease_until = NULL, done_at = v.column2, "
+                "last_error = v.column3", f"WHERE messages.id = v.column4 AND messages.state = '{st.ACTIVE}'",
+                done)
+    # A finished message's body is not needed any more; the record and its verdict
+    # trace stay until queue.keep_done has passed.
+    for i in range(0, len(done), _ROWS_PER_STATEMENT):
+        part = [row[3] for row in done[i:i + _ROWS_PER_STATEMENT]]
+        conn.execute(f"DELETE FROM message_bodies WHERE message_id IN ({','.join('?' * len(part))})", part)
+    bounces = [a.dsn for a in attempts if a.dsn is not None
+               # (a retried attempt must not queue its bounce twice)
+               and conn.execute("SELECT 1 FROM messages WHERE id = ?", (a.dsn[0][0],)).fetchone() is None]
+    if bounces:
+        insert_messages(conn, [bounces])
+    return states
+
+
+def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[RcptOutcome], *,
+                   now: float, next_attempt: float | None, last_error: str | None,
+                   dsn: NewMessage | None, fresh: bool = False) -> str:
+    """One attempt (:func:`finish_attempts`)."""
+    return finish_attempts(conn, [Attempt(message_id, [(o.recipient, o.outcome, o.reply, o.remote)
+                                                       for o in outcomes], now, next_attempt, last_error,
+                                          message_rows(dsn) if dsn is not None else None, fresh)])[0]
 
 
 def purge_done(conn: sqlite3.Connection, before: float) -> int:

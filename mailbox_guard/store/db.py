@@ -1,10 +1,11 @@
 """The embedded SQLite store: creation from ``schema.sql``, migrations, durable
-connections, the engine's group-committing writer, and policy edits.
+connections, readers, and policy edits.
 
 Every connection runs in WAL mode with ``synchronous=FULL``, and both are read back
 and verified, so a ``250`` after DATA always means the message reached the disk.
-All engine writes go through one :class:`Writer` thread that commits whatever has
-queued up while the previous commit was syncing (group commit).
+All engine writes go through one writer (:mod:`mailbox_guard.store.writer`, a
+process of its own) that commits whatever has queued up while the previous commit
+was syncing (group commit).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import queue
 import re
 import sqlite3
 import threading
@@ -265,198 +265,7 @@ def _statements(script: str) -> Iterator[str]:
         raise StoreError("schema script ends with an incomplete statement")
 
 
-# --------------------------------------------------------------------- writer
-class _Job:
-    __slots__ = ("fn", "loop", "future")
-
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], loop, future) -> None:
-        self.fn, self.loop, self.future = fn, loop, future
-
-
-def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    if future.done():      # the session went away while we were committing
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class Writer:
-    """One thread that owns the write connection and commits in groups.
-
-    ``await writer.run(fn)`` runs ``fn(conn)`` inside a transaction shared with every
-    other job queued meanwhile, and returns only after COMMIT (fsync) succeeded. Each
-    job has its own savepoint, so one failing job does not spoil the others; a failed
-    COMMIT (disk full, read-only, locked past the timeout) fails every job in it.
-    """
-
-    MAX_BATCH = 256
-    CHECKPOINT_INTERVAL = 0.5
-
-    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name="store-writer", daemon=True)
-        self._checkpointer = threading.Thread(target=self._checkpoint_main, name="store-checkpoint",
-                                              daemon=True)
-        self._stop_checkpoints = threading.Event()
-        self._conn: sqlite3.Connection | None = None
-        self.commits = 0
-        self.failures = 0
-
-    def start(self) -> "Writer":
-        self._conn = connect(self._path, busy_timeout=self._busy_timeout)
-        # Checkpoints copy the WAL into the database file and fsync it: done by the
-        # committing connection they would stall whichever client's commit crosses
-        # the threshold. A separate thread checkpoints instead (PASSIVE: it never
-        # blocks the writer), so commit latency is one WAL append and one fsync.
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self._checkpointer.start()
-        self._thread.start()
-        return self
-
-    def _checkpoint_main(self) -> None:
-        conn = connect(self._path, busy_timeout=self._busy_timeout)
-        try:
-            while not self._stop_checkpoints.wait(self.CHECKPOINT_INTERVAL):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:     # e.g. disk full: the next round retries
-                    log.warning("checkpoint failed: %s", exc)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            conn.close()
-
-    def set_busy_timeout(self, seconds: float) -> None:
-        self._jobs.put(_Job(lambda c: c.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}"),
-                            None, None))
-
-    async def run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put(_Job(fn, loop, future))
-        return await future
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
-        if self._checkpointer.is_alive():
-            self._stop_checkpoints.set()
-            self._checkpointer.join()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _main(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        while True:
-            first = self._jobs.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-            self._commit(conn, batch)
-            if stop:
-                return
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        # The usual batch has no failing job: run it without a savepoint per job (two
-        # statements fewer per job, on the thread every 250 waits for). If a job fails,
-        # the transaction is rolled back and the batch runs again job by job, each in
-        # its own savepoint, so that one failing job does not spoil the others.
-        if len(batch) > 1:
-            outcomes = self._run_plain(conn, batch)
-            if outcomes is not None:
-                self._finish(conn, batch, outcomes)
-                return
-        outcomes = self._run_with_savepoints(conn, batch)
-        if outcomes is not None:
-            self._finish(conn, batch, outcomes)
-
-    def _run_plain(self, conn: sqlite3.Connection, batch: list[_Job]) -> list | None:
-        """Every job in one transaction, or None (rolled back) if any job failed."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:
-            return None          # the slow path reports it
-        outcomes = []
-        try:
-            for job in batch:
-                outcomes.append((job, job.fn(conn), None))
-        except Exception:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            return None
-        if not conn.in_transaction:      # SQLite gave up the transaction by itself
-            return None
-        return outcomes
-
-    def _run_with_savepoints(self, conn: sqlite3.Connection, batch: list[_Job]) -> list | None:
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._fail_all(batch, exc)
-            return None
-        for job in batch:
-            if not conn.in_transaction:
-                # SQLite rolled the whole transaction back on its own (disk full,
-                # I/O error): what follows would run outside it. Fail the batch.
-                self._fail_all(batch, sqlite3.OperationalError("transaction rolled back by SQLite"))
-                return None
-            try:
-                conn.execute("SAVEPOINT job")
-                result = job.fn(conn)
-                conn.execute("RELEASE job")
-                outcomes.append((job, result, None))
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                outcomes.append((job, None, exc))
-            except Exception as exc:  # a bug in a job: fail that job only, loudly
-                log.exception("store job failed")
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                outcomes.append((job, None, exc))
-        return outcomes
-
-    def _finish(self, conn: sqlite3.Connection, batch: list[_Job], outcomes: list) -> None:
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            self._fail_all(batch, exc)
-            return
-        self.commits += 1
-        for job, result, error in outcomes:
-            if error is not None:
-                self.failures += 1
-            if job.future is not None:
-                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-
-    def _fail_all(self, batch: list[_Job], exc: BaseException) -> None:
-        self.failures += len(batch)
-        log.error("store commit failed for %d job(s): %s", len(batch), exc)
-        for job in batch:
-            if job.future is not None:
-                job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+# The writer (its own process) is in mailbox_guard.store.writer.
 
 
 class Readers:

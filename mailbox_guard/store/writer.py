@@ -1,0 +1,408 @@
+"""The store writer: one process of its own that owns the write connection and
+commits in groups.
+
+Every statement SQLite steps releases the GIL, and a thread taking it back from a
+busy event loop waits: measured here, a writer thread in the engine's process spent
+four fifths of each group commit waiting for the GIL, and every 250 after DATA
+waited with it. In a process of its own the writer runs on the other core and its
+commits take what SQLite and fsync take (Postfix splits smtpd and its queue the same
+way).
+
+``await writer.run(fn, *args, **kwargs)`` runs ``fn(conn, *args, **kwargs)`` in the writer process,
+inside a transaction shared with every other job queued meanwhile, and returns (the
+result, or raises the job's exception) only after COMMIT (fsync) succeeded. ``fn``
+is a module-level function and ``args`` and the result are plain data: they cross
+a socket, pickled. Each job has its own savepoint when one of a batch fails, so one
+failing job does not spoil the others; a failed COMMIT (disk full, read-only, locked
+past the timeout) fails every job in it.
+
+``await writer.run_many(many, item)`` is a job of a kind the writer runs in bulk:
+the jobs of one batch with the same ``many`` go to one call ``many(conn, [item,
+...])`` (a result per item, in order), at the place of the first of them: the
+messages of ten sessions are four multi-row INSERTs, not forty statements. Only for
+jobs that depend on no other job of their batch (new messages, the end of a delivery
+attempt).
+
+The process dies with the engine: it exits when its socket closes (the engine ended,
+however it ended), after the commit under way. Jobs sent to a writer that died fail
+with ``sqlite3.OperationalError`` and the next job starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import queue
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from mailbox_guard import childproc
+from mailbox_guard.store.db import StoreError, connect
+
+log = logging.getLogger("mailbox_guard.store")
+
+_CODE = "from mailbox_guard.store.writer import child_main; child_main()"
+_START_TIMEOUT = 60.0
+
+
+# --------------------------------------------------------------------- the engine's side
+class Writer:
+    """The engine's handle on the writer process (see the module's text)."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
+        self._path = os.fspath(path)
+        self._busy_timeout = busy_timeout
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None          # until the loop takes it over
+        self._channel: childproc.Channel | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.commits = 0
+        self.failures = 0
+
+    # ------------------------------------------------------------------ process
+    def start(self) -> "Writer":
+        """Start the writer process and wait until it has opened the store (a store
+        it cannot open is a StoreError here, at start-up)."""
+        try:
+            self._proc, sock = childproc.spawn(_CODE, self._path, repr(self._busy_timeout))
+        except OSError as exc:
+            raise StoreError(f"cannot start the store writer: {exc}") from None
+        sock.settimeout(_START_TIMEOUT)
+        try:
+            first = childproc.read_frame(sock)
+        except (OSError, ValueError, pickle.PickleError) as exc:
+            first = ("failed", f"no answer from the store writer ({exc})")
+        if not first or first[0] != "ready":
+            sock.close()
+            childproc.reap(self._proc, 5.0)
+            self._proc = None
+            raise StoreError(first[1] if first else "the store writer ended while starting")
+        self._sock = sock
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def close(self) -> None:
+        """Let the writer commit what it was sent, then stop it (blocking)."""
+        self._closed = True
+        channel, self._channel = self._channel, None
+        sock = channel.detach() if channel is not None else self._sock
+        self._sock = None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(30.0)
+                sock.sendall(childproc.frame(None))
+                # Its answers to what was still pending, then its end.
+                while self._pending:
+                    answer = childproc.read_frame(sock)
+                    if answer is None:
+                        break
+                    self._answer(answer)
+            sock.close()
+        childproc.reap(self._proc, 30.0)
+        self._proc = None
+        self._fail_pending(sqlite3.OperationalError("the store writer has stopped"))
+
+    # ------------------------------------------------------------------ jobs
+    def set_busy_timeout(self, seconds: float) -> None:
+        self._send(None, _set_busy_timeout, ((seconds,), {}), False)
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await self._submit(fn, (args, kwargs), False)
+
+    async def run_many(self, many: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
+        return await self._submit(many, item, True)
+
+    async def _submit(self, fn, payload, many: bool) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job_id = next(self._ids)
+        self._pending[job_id] = future
+        try:
+            self._send(job_id, fn, payload, many)
+        except BaseException:
+            self._pending.pop(job_id, None)
+            raise
+        return await future
+
+    def _send(self, job_id: int | None, fn, payload, many: bool) -> None:
+        if self._closed:
+            raise sqlite3.OperationalError("the store writer has stopped")
+        if self._channel is None or not self._channel.open:
+            if self._sock is None:        # the writer died: a new one
+                log.error("store writer ended unexpectedly; starting a new one")
+                childproc.reap(self._proc, 1.0)
+                self.start()
+            sock, self._sock = self._sock, None
+            self._channel = childproc.Channel(sock, self._answer, self._lost)
+        self._channel.send((job_id, fn, payload, many))
+
+    def _answer(self, answer) -> None:
+        results, self.commits, self.failures = answer
+        for job_id, value, error in results:
+            future = self._pending.pop(job_id, None)
+            if future is None or future.done():    # the session went away meanwhile
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """The writer process is gone: what it had not answered fails (each caller
+        answers 451 or retries); the next job starts a new writer."""
+        if not self._closed:
+            log.error("store writer connection lost%s", f": {exc}" if exc else "")
+        self._fail_pending(sqlite3.OperationalError("the store writer stopped before it committed"))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _set_busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+
+
+# --------------------------------------------------------------------- the writer process
+class _Job:
+    __slots__ = ("id", "fn", "payload", "many")
+
+    def __init__(self, job_id: int | None, fn, payload, many: bool) -> None:
+        self.id, self.fn, self.payload, self.many = job_id, fn, payload, many
+
+    def run_alone(self, conn: sqlite3.Connection) -> Any:
+        if self.many:
+            return self.fn(conn, [self.payload])[0]
+        args, kwargs = self.payload
+        return self.fn(conn, *args, **kwargs)
+
+
+class _Committer:
+    """The group commit, in the writer process: a batch is every job queued while
+    the one before committed."""
+
+    MAX_BATCH = 256
+    CHECKPOINT_INTERVAL = 0.5
+
+    def __init__(self, conn: sqlite3.Connection, path: str, busy_timeout: float,
+                 answer: Callable[[list], None]) -> None:
+        self._conn = conn
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._answer = answer
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.commits = 0
+        self.failures = 0
+        # Checkpoints copy the WAL into the database file and fsync it: done by the
+        # committing connection they would stall whichever client's commit crosses
+        # the threshold. A separate thread checkpoints instead (PASSIVE: it never
+        # blocks the writer), so commit latency is one WAL append and one fsync.
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_main, name="store-checkpoint",
+                                              daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_main(self) -> None:
+        conn = connect(self._path, busy_timeout=self._busy_timeout)
+        try:
+            while not self._stop_checkpoints.wait(self.CHECKPOINT_INTERVAL):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:     # e.g. disk full: the next round retries
+                    log.warning("checkpoint failed: %s", exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+
+    def stop_checkpoints(self) -> None:
+        self._stop_checkpoints.set()
+        self._checkpointer.join()
+
+    def run(self) -> None:
+        """Batches until the end of the stream (a None job)."""
+        conn = self._conn
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            self._commit(conn, batch)
+            if stop:
+                return
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        # The usual batch has no failing job: run it without a savepoint per job (two
+        # statements fewer per job). If a job fails, the transaction is rolled back
+        # and the batch runs again job by job, each in its own savepoint, so that one
+        # failing job does not spoil the others.
+        if len(batch) > 1:
+            outcomes = self._run_plain(conn, batch)
+            if outcomes is not None:
+                self._finish(conn, batch, outcomes)
+                return
+        outcomes = self._run_with_savepoints(conn, batch)
+        if outcomes is not None:
+            self._finish(conn, batch, outcomes)
+
+    def _run_plain(self, conn: sqlite3.Connection, batch: list[_Job]) -> list | None:
+        """Every job in one transaction, or None (rolled back) if any job failed."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None          # the slow path reports it
+        outcomes = []
+        grouped: set = set()
+        try:
+            for i, job in enumerate(batch):
+                if not job.many:
+                    outcomes.append((job, job.run_alone(conn), None))
+                elif job.fn not in grouped:
+                    grouped.add(job.fn)
+                    group = [j for j in batch[i:] if j.many and j.fn is job.fn]
+                    results = job.fn(conn, [j.payload for j in group])
+                    if len(results) != len(group):
+                        raise RuntimeError(f"{job.fn.__name__} gave {len(results)} results for {len(group)} jobs")
+                    outcomes.extend((j, r, None) for j, r in zip(group, results))
+        except Exception:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return None
+        if not conn.in_transaction:      # SQLite gave up the transaction by itself
+            return None
+        return outcomes
+
+    def _run_with_savepoints(self, conn: sqlite3.Connection, batch: list[_Job]) -> list | None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail_all(batch, exc)
+            return None
+        for job in batch:
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back on its own (disk full,
+                # I/O error): what follows would run outside it. Fail the batch.
+                self._fail_all(batch, sqlite3.OperationalError("transaction rolled back by SQLite"))
+                return None
+            try:
+                conn.execute("SAVEPOINT job")
+                result = job.run_alone(conn)
+                conn.execute("RELEASE job")
+                outcomes.append((job, result, None))
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
+            except Exception as exc:  # a bug in a job: fail that job only, loudly
+                log.exception("store job failed")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                outcomes.append((job, None, exc))
+        return outcomes
+
+    def _finish(self, conn: sqlite3.Connection, batch: list[_Job], outcomes: list) -> None:
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._fail_all(batch, exc)
+            return
+        self.commits += 1
+        answers = []
+        for job, result, error in outcomes:
+            if error is not None:
+                self.failures += 1
+            if job.id is not None:
+                answers.append((job.id, result, error))
+        self._answer(answers)
+
+    def _fail_all(self, batch: list[_Job], exc: BaseException) -> None:
+        self.failures += len(batch)
+        log.error("store commit failed for %d job(s): %s", len(batch), exc)
+        self._answer([(job.id, None, exc) for job in batch if job.id is not None])
+
+
+def child_main() -> None:
+    """The writer process: ``python -c ... FD PATH BUSY_TIMEOUT`` (Writer.start)."""
+    fd, path, busy_timeout = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: store writer: %(message)s")
+    sock = socket.socket(fileno=fd)
+    send_lock = threading.Lock()
+
+    def send(obj) -> None:
+        data = childproc.frame(obj)
+        with send_lock:
+            sock.sendall(data)
+
+    try:
+        conn = connect(path, busy_timeout=busy_timeout)
+    except StoreError as exc:
+        send(("failed", str(exc)))
+        sys.exit(1)
+    committer: _Committer | None = None
+
+    def answer(results: list) -> None:
+        portable = [(i, v, None if e is None else childproc.portable_error(e)) for i, v, e in results]
+        try:
+            send((portable, committer.commits, committer.failures))
+        except pickle.PicklingError as exc:     # a job returned something that cannot travel
+            log.error("a store job's result cannot be sent back: %s", exc)
+            send(([(i, None, RuntimeError(f"store job result not sendable: {exc}")) for i, _, _ in portable],
+                  committer.commits, committer.failures))
+        except OSError:                          # the engine is gone: nothing to tell
+            pass
+
+    committer = _Committer(conn, path, busy_timeout, answer)
+
+    def reader() -> None:
+        try:
+            while True:
+                frame = childproc.read_frame(sock)
+                if frame is None:
+                    break
+                committer.jobs.put(_Job(*frame))
+        except (OSError, ValueError, pickle.PickleError, EOFError, AttributeError, ImportError) as exc:
+            log.error("bad request from the engine: %s", exc)
+        committer.jobs.put(None)
+
+    threading.Thread(target=reader, name="store-writer-reader", daemon=True).start()
+    send(("ready",))
+    try:
+        committer.run()
+    finally:
+        committer.stop_checkpoints()
+        conn.close()
+        with contextlib.suppress(OSError):
+            sock.close()

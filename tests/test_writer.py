@@ -1,0 +1,120 @@
+"""The store writer is a process of its own: what happens when it dies, and that it
+never outlives the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from mailbox_guard.store import db as store
+from mailbox_guard.store.writer import Writer
+from tests.test_store import _insert_job, _slow_job
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == str(pid):
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _writers(pid: int) -> list[int]:
+    out = []
+    for child in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_text(errors="replace")
+        except OSError:
+            continue
+        if "store.writer" in cmdline and _alive(child):
+            out.append(child)
+    return out
+
+
+def _keys(db: Path) -> set[str]:
+    conn = store.connect(db, readonly=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT key FROM meta")}
+    finally:
+        conn.close()
+
+
+def test_a_dead_writer_fails_its_pending_jobs_and_the_next_job_starts_a_new_one(tmp_path):
+    db = tmp_path / "s.db"
+    store.initialise(db)
+    writer = Writer(db).start()
+
+    async def main():
+        assert await writer.run(_insert_job, "before") == 1
+        first_pid = writer.pid
+        pending = asyncio.ensure_future(writer.run(_slow_job))
+        await asyncio.sleep(0.05)
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(sqlite3.OperationalError, match="store writer"):
+            await pending
+        assert await writer.run(_insert_job, "after") == 1
+        return first_pid, writer.pid
+    try:
+        first_pid, second_pid = asyncio.run(main())
+    finally:
+        writer.close()
+    assert second_pid != first_pid and not _alive(first_pid) and not _alive(second_pid)
+    assert {"before", "after"} <= _keys(db)
+
+
+def test_a_job_error_comes_back_as_the_same_exception(tmp_path):
+    db = tmp_path / "s.db"
+    store.initialise(db)
+    writer = Writer(db).start()
+
+    async def main():
+        await writer.run(_insert_job, "x")
+        with pytest.raises(sqlite3.IntegrityError):
+            await writer.run(_insert_job, "x")
+        return await writer.run(_insert_job, "y")
+    try:
+        assert asyncio.run(main()) == 1
+    finally:
+        writer.close()
+    assert writer.pid is None
+
+
+def test_a_store_the_writer_cannot_open_is_one_error_at_start(tmp_path):
+    db = tmp_path / "s.db"
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(store.StoreError, match="unreadable"):
+        Writer(db).start()
+    assert _writers(os.getpid()) == [], "a writer process was left behind"
+
+
+def test_the_writer_process_ends_with_a_killed_engine(gateway):
+    """SIGKILL leaves the engine no chance to stop its writer: the writer sees its
+    socket close and exits by itself."""
+    gateway.start()
+    writers = _writers(gateway.proc.pid)
+    assert len(writers) == 1, f"writer processes of the engine: {writers}"
+    gateway.kill()
+    deadline = time.monotonic() + 10
+    while _alive(writers[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(writers[0]), "the store writer outlived its engine"

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -73,6 +74,15 @@ def portable_error(exc: BaseException) -> BaseException:
         return exc
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def ignore_stop_signals() -> None:
+    """In a helper: SIGTERM, SIGINT and SIGHUP are for the engine. systemd's stop
+    signals the whole control group and a terminal's Ctrl-C the whole process group;
+    a helper that died with them would take the engine's last commits (or the
+    deliveries in flight) with it. It ends when the engine closes its socket."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def spawn(code: str, *args: str) -> tuple[subprocess.Popen, socket.socket]:

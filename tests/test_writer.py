@@ -118,3 +118,28 @@ def test_the_writer_process_ends_with_a_killed_engine(gateway):
     while _alive(writers[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(writers[0]), "the store writer outlived its engine"
+
+
+def test_stop_signals_to_the_whole_group_leave_the_helpers_to_the_engine(gateway, sink):
+    """systemd's stop sends SIGTERM to every process of the unit, a terminal's Ctrl-C
+    SIGINT to the process group: the helpers ignore both and the engine, stopping,
+    still commits through its writer; then the helpers end with it."""
+    from tests.conftest import make_message
+    gateway.policy().add_domain("example.test", sink.hop)
+    gateway.start()
+    with gateway.smtp() as s:
+        s.sendmail("a@sender.test", ["b@example.test"], make_message(subject="before the stop"))
+    sink.wait_for(1)
+    helpers = _children(gateway.proc.pid)
+    assert len(helpers) == 2, f"helper processes: {helpers}"       # store writer, delivery agent
+    for pid in helpers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert all(_alive(p) for p in helpers), "a helper died of a stop signal meant for the engine"
+    gateway.proc.send_signal(signal.SIGTERM)
+    assert gateway.stop() == 0
+    assert not any(_alive(p) for p in helpers)
+    assert (gateway.home / "engine.json").exists() is False
+    log = gateway.log()
+    assert "Traceback" not in log and "store writer connection lost" not in log, log[-2000:]

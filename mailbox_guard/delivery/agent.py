@@ -219,6 +219,7 @@ async def _serve(sock: socket.socket) -> None:
 
 def agent_main() -> None:
     """The agent process: ``python -c ... FD`` (Agent)."""
+    childproc.ignore_stop_signals()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=int(sys.argv[1]))

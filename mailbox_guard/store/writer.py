@@ -355,6 +355,7 @@ class _Committer:
 
 def child_main() -> None:
     """The writer process: ``python -c ... FD PATH BUSY_TIMEOUT`` (Writer.start)."""
+    childproc.ignore_stop_signals()
     fd, path, busy_timeout = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: store writer: %(message)s")

@@ -68,7 +68,7 @@ class Headers:
                 parts.append(line)
                 continue
             head, colon, rest = line.partition(":")
-            if not colon or not head or not all(32 < ord(c) < 127 for c in head):
+            if not colon or not head or not (head.isascii() and head.isprintable()) or " " in head:
                 break
             if name is not None:
                 fields.append((name, "".join(parts).rstrip("\r\n")))

@@ -382,8 +382,8 @@ def child_main() -> None:
             log.error("a store job's result cannot be sent back: %s", exc)
             send(([(i, None, RuntimeError(f"store job result not sendable: {exc}")) for i, _, _ in portable],
                   committer.commits, committer.failures))
-        except OSError:                          # the engine is gone: nothing to tell
-            pass
+        except OSError as exc:                   # the engine is gone: nobody to tell
+            log.warning("engine gone before %d answer(s) could be sent: %s", len(portable), exc)
 
     committer = _Committer(conn, path, busy_timeout, answer)
 

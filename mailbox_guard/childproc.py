@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import pickle
 import signal
@@ -111,6 +112,45 @@ def reap(proc: subprocess.Popen | None, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class Pending:
+    """Requests sent to a helper and not answered yet, by id."""
+
+    def __init__(self) -> None:
+        self._futures: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+
+    def __bool__(self) -> bool:
+        return bool(self._futures)
+
+    def add(self) -> tuple[int, asyncio.Future]:
+        future = asyncio.get_running_loop().create_future()
+        request_id = next(self._ids)
+        self._futures[request_id] = future
+        return request_id, future
+
+    def drop(self, request_id: int) -> None:
+        self._futures.pop(request_id, None)
+
+    def settle(self, request_id: int, value: Any = None, error: BaseException | None = None) -> None:
+        future = self._futures.pop(request_id, None)
+        if future is None or future.done():       # its caller went away meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+    def fail_all(self, exc: BaseException | None = None, value: Any = None) -> None:
+        """Every request still waiting: ``exc`` raised in it, or else ``value`` its answer."""
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                if exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(value)
 
 
 class Channel:

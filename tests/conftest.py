@@ -29,6 +29,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def helper_pids(parent: int, marker: str = "") -> list[int]:
+    """Live child processes of ``parent`` whose command line contains ``marker``
+    (the engine's helpers: "store.writer", "delivery.agent")."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmdline = (entry / "cmdline").read_text(errors="replace")
+        except OSError:
+            continue
+        if ppid == str(parent) and marker in cmdline and process_alive(int(entry.name)):
+            out.append(int(entry.name))
+    return out
+
+
 def wait_for_banner(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import make_message
+from tests.conftest import helper_pids, make_message, process_alive
 from tests.dns_server import ZoneServer
 
 BARE = re.compile(rb"(?<!\r)\n|\r(?!\n)")
@@ -269,23 +269,6 @@ def test_mail_queued_while_delivery_is_busy_goes_out_as_slots_free_up(routed, si
         "SELECT count(*) AS n FROM messages WHERE state = 'delivered'")[0]["n"] == 15, what="all delivered")
 
 
-def _helpers_of(pid: int, marker: str) -> list[int]:
-    """Live child processes of ``pid`` whose command line names ``marker``."""
-    from pathlib import Path
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_text(errors="replace")
-        except OSError:
-            continue
-        if stat[1] == str(pid) and stat[0] != "Z" and marker in cmdline:
-            out.append(int(entry.name))
-    return out
-
-
 def test_a_killed_delivery_agent_defers_and_a_new_agent_delivers(routed, sink):
     """The SMTP client work runs in the delivery agent process. Killed in the middle
     of a transaction, its delivery is deferred (nothing lost) and the retry, by a
@@ -305,7 +288,7 @@ def test_a_killed_delivery_agent_defers_and_a_new_agent_delivers(routed, sink):
     with routed.smtp() as s:
         s.sendmail("alice@sender.test", ["bob@example.test"], make_message(subject="agent death"))
     routed.wait_until(lambda: calls, what="the agent's RCPT at the sink")
-    agents = _helpers_of(routed.proc.pid, "delivery.agent")
+    agents = helper_pids(routed.proc.pid, "delivery.agent")
     assert len(agents) == 1, f"delivery agents of the engine: {agents}"
     os.kill(agents[0], signal.SIGKILL)
     got = sink.wait_for(1, timeout=30)
@@ -316,10 +299,7 @@ def test_a_killed_delivery_agent_defers_and_a_new_agent_delivers(routed, sink):
     assert outcomes == ["deferred", "delivered"], outcomes
     assert "delivery agent connection lost" in routed.log()
     engine_pid = routed.proc.pid
-    new_agents = _helpers_of(engine_pid, "delivery.agent")
+    new_agents = helper_pids(engine_pid, "delivery.agent")
     assert len(new_agents) == 1 and new_agents != agents
     assert routed.stop() == 0
-    from pathlib import Path
-    state = Path(f"/proc/{new_agents[0]}/stat")
-    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z", \
-        "the delivery agent outlived its engine"
+    assert not process_alive(new_agents[0]), "the delivery agent outlived its engine"

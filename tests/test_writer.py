@@ -14,41 +14,8 @@ import pytest
 
 from mailbox_guard.store import db as store
 from mailbox_guard.store.writer import Writer
+from tests.conftest import helper_pids, process_alive
 from tests.test_store import _insert_job, _slow_job
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == str(pid):
-                out.append(int(entry.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def _writers(pid: int) -> list[int]:
-    out = []
-    for child in _children(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_text(errors="replace")
-        except OSError:
-            continue
-        if "store.writer" in cmdline and _alive(child):
-            out.append(child)
-    return out
 
 
 def _keys(db: Path) -> set[str]:
@@ -78,7 +45,7 @@ def test_a_dead_writer_fails_its_pending_jobs_and_the_next_job_starts_a_new_one(
         first_pid, second_pid = asyncio.run(main())
     finally:
         writer.close()
-    assert second_pid != first_pid and not _alive(first_pid) and not _alive(second_pid)
+    assert second_pid != first_pid and not process_alive(first_pid) and not process_alive(second_pid)
     assert {"before", "after"} <= _keys(db)
 
 
@@ -104,20 +71,20 @@ def test_a_store_the_writer_cannot_open_is_one_error_at_start(tmp_path):
     db.write_bytes(b"this is not a database" * 100)
     with pytest.raises(store.StoreError, match="unreadable"):
         Writer(db).start()
-    assert _writers(os.getpid()) == [], "a writer process was left behind"
+    assert helper_pids(os.getpid(), "store.writer") == [], "a writer process was left behind"
 
 
 def test_the_writer_process_ends_with_a_killed_engine(gateway):
     """SIGKILL leaves the engine no chance to stop its writer: the writer sees its
     socket close and exits by itself."""
     gateway.start()
-    writers = _writers(gateway.proc.pid)
+    writers = helper_pids(gateway.proc.pid, "store.writer")
     assert len(writers) == 1, f"writer processes of the engine: {writers}"
     gateway.kill()
     deadline = time.monotonic() + 10
-    while _alive(writers[0]) and time.monotonic() < deadline:
+    while process_alive(writers[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(writers[0]), "the store writer outlived its engine"
+    assert not process_alive(writers[0]), "the store writer outlived its engine"
 
 
 def test_stop_signals_to_the_whole_group_leave_the_helpers_to_the_engine(gateway, sink):
@@ -130,16 +97,16 @@ def test_stop_signals_to_the_whole_group_leave_the_helpers_to_the_engine(gateway
     with gateway.smtp() as s:
         s.sendmail("a@sender.test", ["b@example.test"], make_message(subject="before the stop"))
     sink.wait_for(1)
-    helpers = _children(gateway.proc.pid)
+    helpers = helper_pids(gateway.proc.pid)
     assert len(helpers) == 2, f"helper processes: {helpers}"       # store writer, delivery agent
     for pid in helpers:
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGINT)
     time.sleep(0.3)
-    assert all(_alive(p) for p in helpers), "a helper died of a stop signal meant for the engine"
+    assert all(process_alive(p) for p in helpers), "a helper died of a stop signal meant for the engine"
     gateway.proc.send_signal(signal.SIGTERM)
     assert gateway.stop() == 0
-    assert not any(_alive(p) for p in helpers)
+    assert not any(process_alive(p) for p in helpers)
     assert (gateway.home / "engine.json").exists() is False
     log = gateway.log()
     assert "Traceback" not in log and "store writer connection lost" not in log, log[-2000:]

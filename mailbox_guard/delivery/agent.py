@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import sys
@@ -232,19 +231,13 @@ def agent_main() -> None:
 
 
 # --------------------------------------------------------------------- in the engine
-def _give_up(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(("timeout",))
-
-
 class Agent:
     """The engine's handle on the delivery agent process."""
 
     def __init__(self) -> None:
         self._proc = None
         self._channel: childproc.Channel | None = None
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ids = itertools.count(1)
+        self._pending = childproc.Pending()
         self._closed = False
 
     @property
@@ -277,22 +270,19 @@ class Agent:
         if self._closed:
             raise RouteFailure(False, "4.3.0 delivery is stopping", "4.3.0", target.name)
         channel = self._open()
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        req_id = next(self._ids)
-        self._pending[req_id] = future
+        req_id, future = self._pending.add()
         channel.send((req_id, (target.ip, target.port, target.name),
                       (helo, connect_timeout, command_timeout, per_destination), mail_from, rcpts, wire, wire_ready))
         # Every read and write of the agent has its deadline; this one only catches an
         # agent that stopped answering altogether (a timer, not wait_for: no task per
         # message).
         deadline = connect_timeout * 3 + command_timeout * (len(rcpts) + 6) + 30
-        timer = loop.call_later(deadline, _give_up, future)
+        timer = asyncio.get_running_loop().call_later(deadline, self._pending.settle, req_id, ("timeout",))
         try:
             answer = await future
         finally:
             timer.cancel()
-            self._pending.pop(req_id, None)
+            self._pending.drop(req_id)
         kind = answer[0]
         if kind == "timeout":
             raise RouteFailure(False, "4.4.2 no answer from the delivery agent", "4.4.2", target.name)
@@ -305,19 +295,13 @@ class Agent:
         raise RouteFailure(False, f"4.3.0 internal error in delivery ({answer[1]})", "4.3.0", target.name)
 
     def _answer(self, frame) -> None:
-        req_id, answer = frame
-        future = self._pending.get(req_id)
-        if future is not None and not future.done():
-            future.set_result(answer)
+        self._pending.settle(*frame)
 
     def _lost(self, exc: BaseException | None) -> None:
         if not self._closed:
             log.error("delivery agent connection lost%s", f": {exc}" if exc else "")
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_result(("fail", False, "4.4.2 the delivery agent stopped before it answered",
-                                   "4.4.2", None))
+        self._pending.fail_all(value=("fail", False, "4.4.2 the delivery agent stopped before it answered",
+                                      "4.4.2", None))
 
     async def close(self) -> None:
         """Stop the agent (what it had in flight is abandoned; see the module's text)."""

@@ -441,15 +441,11 @@ def _hop(hop: str) -> tuple[str, int, bool]:
     """A next hop's host, port and whether the host is an address (parsed once)."""
     host, port = parse_hostport(hop, default_port=25)
     host = host.strip("[]")
-    return host, port, _is_ip(host)
-
-
-def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
-    return True
+        return host, port, False
+    return host, port, True
 
 
 def _reply(reply: Reply) -> str:

@@ -109,10 +109,6 @@ def insert_messages(conn: sqlite3.Connection, groups: list[list[tuple]]) -> list
     return [[r[0][0] for r in g] for g in groups]
 
 
-def insert_message(conn: sqlite3.Connection, m: NewMessage) -> str:
-    return insert_messages(conn, [[message_rows(m)]])[0][0]
-
-
 def record_connection(conn: sqlite3.Connection, row: dict, verdicts: list[tuple]) -> None:
     """``verdicts``: the connection's trace as rows (:func:`verdict_rows`)."""
     conn.execute(
@@ -261,15 +257,6 @@ def finish_attempts(conn: sqlite3.Connection, attempts: list[Attempt]) -> list[s
     if bounces:
         insert_messages(conn, [bounces])
     return states
-
-
-def finish_attempt(conn: sqlite3.Connection, message_id: str, outcomes: list[RcptOutcome], *,
-                   now: float, next_attempt: float | None, last_error: str | None,
-                   dsn: NewMessage | None, fresh: bool = False) -> str:
-    """One attempt (:func:`finish_attempts`)."""
-    return finish_attempts(conn, [Attempt(message_id, [(o.recipient, o.outcome, o.reply, o.remote)
-                                                       for o in outcomes], now, next_attempt, last_error,
-                                          message_rows(dsn) if dsn is not None else None, fresh)])[0]
 
 
 def purge_done(conn: sqlite3.Connection, before: float) -> int:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import pickle
@@ -64,8 +63,7 @@ class Writer:
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None          # until the loop takes it over
         self._channel: childproc.Channel | None = None
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ids = itertools.count(1)
+        self._pending = childproc.Pending()
         self._closed = False
         self.commits = 0
         self.failures = 0
@@ -114,7 +112,7 @@ class Writer:
             sock.close()
         childproc.reap(self._proc, 30.0)
         self._proc = None
-        self._fail_pending(sqlite3.OperationalError("the store writer has stopped"))
+        self._pending.fail_all(sqlite3.OperationalError("the store writer has stopped"))
 
     # ------------------------------------------------------------------ jobs
     def set_busy_timeout(self, seconds: float) -> None:
@@ -127,14 +125,11 @@ class Writer:
         return await self._submit(many, item, True)
 
     async def _submit(self, fn, payload, many: bool) -> Any:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        job_id = next(self._ids)
-        self._pending[job_id] = future
+        job_id, future = self._pending.add()
         try:
             self._send(job_id, fn, payload, many)
         except BaseException:
-            self._pending.pop(job_id, None)
+            self._pending.drop(job_id)
             raise
         return await future
 
@@ -153,26 +148,14 @@ class Writer:
     def _answer(self, answer) -> None:
         results, self.commits, self.failures = answer
         for job_id, value, error in results:
-            future = self._pending.pop(job_id, None)
-            if future is None or future.done():    # the session went away meanwhile
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
+            self._pending.settle(job_id, value, error)
 
     def _lost(self, exc: BaseException | None) -> None:
         """The writer process is gone: what it had not answered fails (each caller
         answers 451 or retries); the next job starts a new writer."""
         if not self._closed:
             log.error("store writer connection lost%s", f": {exc}" if exc else "")
-        self._fail_pending(sqlite3.OperationalError("the store writer stopped before it committed"))
-
-    def _fail_pending(self, exc: BaseException) -> None:
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(exc)
+        self._pending.fail_all(sqlite3.OperationalError("the store writer stopped before it committed"))
 
 
 def _set_busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:

@@ -43,9 +43,11 @@ class Planned:
         self.description = f"test check of {phase.value}"
         self.plan = plan
         self.runs = 0
+        self.seen: list[str] = []
 
     async def run(self, ctx):
         self.runs += 1
+        self.seen = [r.symbol for r in ctx.results]        # what this check was shown
         planned = self.plan.get(self.phase.value, [])
         if self.phase is Phase.RCPT:
             planned = planned.get(ctx.address.address.lower(), []) if planned else []
@@ -304,6 +306,50 @@ def test_a_forced_action_overrides_the_score_and_the_exemption(g):
     assert codes[0][0] == 250 and data[0] == 250
     m = g.message(g.messages_since(t)[0])
     assert m["state"] == "quarantine" and "TEST_VIRUS" in m["reason"]
+
+
+def test_a_forced_action_is_the_outcome_whatever_the_score_reaches(g):
+    # Score 16 reaches actions.reject (15), but the forced quarantine (a virus) decides:
+    # the message is kept in quarantine, not refused.
+    g.plan.update(data=[Result("planned_data", "TEST_VIRUS", Action.QUARANTINE, forced=True, detail="Eicar"),
+                        ("TEST_SPAM", Action.NONE, 16.0)])
+    t = time.time()
+    _, _, data = send(g, ["r@example.test"])
+    assert data[0] == 250
+    m = g.message(g.messages_since(t)[0])
+    assert m["state"] == "quarantine"
+    assert "TEST_VIRUS" in m["reason"] and "forced, score 16 not applied" in m["reason"]
+    # ... and a forced reject below every threshold still rejects.
+    g.plan.update(data=[Result("planned_data", "TEST_VIRUS", Action.REJECT, forced=True,
+                               reply="554 5.7.1 virus found by test")])
+    t = time.time()
+    _, _, data = send(g, ["r@example.test"])
+    assert data == (554, b"5.7.1 virus found by test") and g.messages_since(t) == []
+
+
+def test_a_domain_in_warn_mode_traces_would_for_its_recipient_only(g):
+    g.mode("planned_data", "warn", scope="a.test")
+    g.plan.update(data=[("TEST_D_REJECT", Action.REJECT, 0.0, "550 5.7.1 test says no")])
+    t = time.time()
+    _, codes, data = send(g, ["x@a.test", "y@b.test"])
+    assert [c[0] for c in codes] == [250, 250] and data[0] == 250
+    msgs = {tuple(g.message(i)["recipients"]): g.message(i) for i in g.messages_since(t)}
+    # b.test enforces (a reject beside an accepting recipient: quarantined); a.test only warns.
+    assert msgs[("y@b.test",)]["state"] == "quarantine"
+    passed = msgs[("x@a.test",)]
+    assert passed["state"] != "quarantine"
+    rows = [r for r in passed["trace"] if r[1] == "x@a.test" and r[3] == "TEST_D_REJECT"]
+    assert [(r[4], r[5]) for r in rows] == [("warn", "mode warn at domain a.test: would reject")]
+    assert not [r for r in msgs[("y@b.test",)]["trace"] if r[1] == "y@b.test" and r[3] == "TEST_D_REJECT"]
+
+
+def test_later_checks_see_the_results_of_earlier_phases_and_recipients(g):
+    g.plan.update(connect=[("TEST_C", Action.NONE, 1.0)], helo=[("TEST_H", Action.NONE, 1.0)],
+                  mail=[("TEST_M", Action.NONE, 1.0)], rcpt={"r@example.test": [("TEST_R", Action.NONE, 1.0)]})
+    send(g, ["r@example.test"])
+    assert [s for s in g.checks[Phase.DATA].seen if s.startswith("TEST_")] == ["TEST_C", "TEST_H", "TEST_M",
+                                                                                "TEST_R"]
+    assert [s for s in g.checks[Phase.RCPT].seen if s.startswith("TEST_")] == ["TEST_C", "TEST_H", "TEST_M"]
 
 
 def test_warn_mode_traces_would_and_delivers(g):

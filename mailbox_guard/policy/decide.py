@@ -11,9 +11,11 @@ Pure functions over results, a policy scope and the check modes; no I/O.
   (rspamd's reject, add_header and greylist: with the defaults a score of 4 to 6 is
   greylisted when ``actions.tempfail`` is 4, and from 6 it is tagged instead).
 * A result may ask for an action itself (TAG, QUARANTINE, DISCARD, TEMPFAIL,
-  REJECT); the most severe of those and the score's action wins. An **exempt**
-  recipient (an ALLOW result: postmaster@, later a whitelist) skips scores and
-  delayed refusals, but never a ``forced`` result (a virus).
+  REJECT); the most severe of those and the score's action wins.
+* A **forced** result (a virus found: quarantine or reject) overrides the score:
+  its action is the outcome whatever the sum reaches (the most severe of several
+  forced ones). An **exempt** recipient (an ALLOW result: postmaster@, later a
+  whitelist) skips scores and delayed refusals, but never a forced result.
 * **Modes**: an enforced check acts; a check in warn mode is traced as "would ..."
   and does not act; a check that is off does not run.
 """
@@ -70,6 +72,7 @@ def by_score(score: float, scope) -> Action | None:
 
 
 def thresholds_text(scope) -> str:
+    """The scope's thresholds in words ("reject 15, quarantine off, ...")."""
     parts = []
     for key, action in THRESHOLDS:
         value = scope[key]
@@ -104,6 +107,7 @@ def outcome(recipient: str, results: Sequence[Result], scope, mode_of: ModeOf, *
     adds: list[tuple[str, str]] = []
     removes: list[HeaderRemoval] = []
     symbols: list[str] = []
+    forced: Result | None = None
     for r in results:
         mode = mode_of(r.check)
         if mode is Mode.OFF:
@@ -118,15 +122,23 @@ def outcome(recipient: str, results: Sequence[Result], scope, mode_of: ModeOf, *
             symbols.append(f"{r.symbol}({r.score:.2f})")
         if r.action in ASKED and (asked is None or SEVERITY[r.action] > SEVERITY[asked.action]):
             asked = r
+        if r.forced and r.action in ASKED and (forced is None or SEVERITY[r.action] > SEVERITY[forced.action]):
+            forced = r
     action, deciding = Action.ACCEPT, None
-    reason = f"score {score:g} ({thresholds_text(scope)})" if not is_exempt else "exempt"
-    if not is_exempt:
-        scored = by_score(score, scope)
-        if scored is not None:
-            action = scored
-    if asked is not None and SEVERITY[asked.action] >= SEVERITY[action]:
+    if forced is not None:                  # overrides the score, whatever it reaches
+        asked = forced
+        reason = ""
+    else:
+        reason = f"score {score:g} ({_thresholds_text(scope)})" if not is_exempt else "exempt"
+        if not is_exempt:
+            scored = by_score(score, scope)
+            if scored is not None:
+                action = scored
+    if asked is not None and (forced is not None or SEVERITY[asked.action] >= SEVERITY[action]):
         action, deciding = asked.action, asked
         reason = f"{asked.check}: {asked.symbol}" + (f" ({asked.detail})" if asked.detail else "")
+        if forced is not None:
+            reason += f"; forced, score {score:g} not applied"
     reply = None
     prefix = ""
     if action is Action.REJECT:
@@ -140,6 +152,15 @@ def outcome(recipient: str, results: Sequence[Result], scope, mode_of: ModeOf, *
         prefix = scope["actions.subject_prefix"]
     return Outcome(recipient, action, score, reply, deciding, reason, scope.label,
                    tuple(adds), tuple(removes), prefix)
+
+
+def _thresholds_text(scope) -> str:
+    """:func:`thresholds_text`, once per scope (per recipient level and snapshot)."""
+    memo = scope.memo
+    text = memo.get("thresholds_text")
+    if text is None:
+        text = memo["thresholds_text"] = thresholds_text(scope)
+    return text
 
 
 def rcpt_score_refusal(results: Sequence[Result], scope, mode_of: ModeOf) -> float | None:

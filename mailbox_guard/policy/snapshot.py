@@ -41,6 +41,8 @@ class Scope:
     name: str
     values: Mapping[str, Any]
     modes: Mapping[str, Mode]
+    # What decisions derive from this scope once (it lives as long as its snapshot).
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]

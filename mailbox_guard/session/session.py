@@ -87,6 +87,18 @@ class DataResult:
     outcomes: list[decide.Outcome]
 
 
+def _shown(r: Result, mode: Mode, delayed: bool) -> tuple[str, str]:
+    """A result's action and detail as the trace shows them under ``mode``."""
+    action, detail = r.action.value, r.detail
+    if r.action is not Action.NONE and r.action is not Action.ACCEPT and mode is Mode.WARN:
+        return "warn", f"would {r.action.value}" + (f": {detail}" if detail else "")
+    if mode is Mode.WARN and r.score:
+        return "warn", f"would score {r.score:g}" + (f": {detail}" if detail else "")
+    if delayed and r.action in REFUSALS and mode is Mode.ENFORCE:
+        return "delayed", f"{r.action.value}, answered at RCPT" + (f": {detail}" if detail else "")
+    return action, detail
+
+
 class Session:
     def __init__(self, facts: SessionFacts, deps: Deps) -> None:
         self.facts = facts
@@ -155,14 +167,7 @@ class Session:
         observer = self.deps.observer
         room = self._room(into)
         for r in results:
-            action, detail = r.action.value, r.detail
-            mode = mode_of(r.check)
-            if r.action is not Action.NONE and r.action is not Action.ACCEPT and mode is Mode.WARN:
-                action, detail = "warn", f"would {r.action.value}" + (f": {detail}" if detail else "")
-            elif mode is Mode.WARN and r.score:
-                action, detail = "warn", f"would score {r.score:g}" + (f": {detail}" if detail else "")
-            elif delayed and r.action in REFUSALS and mode is Mode.ENFORCE:
-                action, detail = "delayed", f"{r.action.value}, answered at RCPT" + (f": {detail}" if detail else "")
+            action, detail = _shown(r, mode_of(r.check), delayed)
             if room:
                 into.append(Verdict(self.seq(), now, phase.value, subject, r.check, r.symbol, r.score,
                                     action, r.reply, detail))
@@ -227,6 +232,25 @@ class Session:
             self.note(into, "mail", subject, "smtp", "MAIL_FROM")
         self._trace(into, phase, subject, results, mode_of, delayed=other is not None)
         return results, self._delayable(phase.value, results, delay), now
+
+    def _level_rows(self, rcpt: "Recipient", results: Sequence[Result], server_mode, rcpt_mode,
+                    now: float) -> None:
+        """Rows for the results traced with the server's mode (CONNECT to MAIL, DATA)
+        whose check has another mode at this recipient's own level: what they did
+        for this recipient (a domain in warn: "would reject")."""
+        label = rcpt.scope.label
+        for r in results:
+            if r.action is Action.NONE and not r.score:
+                continue
+            mode = rcpt_mode(r.check)
+            if mode is server_mode(r.check):
+                continue
+            if mode is Mode.OFF:
+                action, detail = "off", "not applied"
+            else:
+                action, detail = _shown(r, mode, False)
+            rcpt.trace.append(Verdict(self.seq(), now, "queue", rcpt.address, r.check, r.symbol, r.score,
+                                      action, r.reply, f"mode {mode.value} at {label}: {detail}"))
 
     # ----------------------------------------------------------- phases
     async def connect(self) -> str | None:
@@ -358,7 +382,9 @@ class Session:
         tx.raw_headers, tx.headers_complete = raw_headers, complete
         scope, mode_of = self._server_modes(policy)
         earlier = self.session_results + self.tx_results
-        results = await self.pipeline.run(self._ctx(Phase.DATA, policy, "", None, earlier, scope),
+        # DATA checks see every earlier result, the recipients' own included.
+        seen = earlier + [r for rcpt in self.recipients for r in rcpt.results]
+        results = await self.pipeline.run(self._ctx(Phase.DATA, policy, "", None, seen, scope),
                                           runs=self._runs(policy), stop=self._stop(mode_of))
         self._trace(self.tx_trace, Phase.DATA, "", results, mode_of)
         gate = self._gate_refusal(results, mode_of)
@@ -379,6 +405,9 @@ class Session:
         kind, first = decide.combine(outcomes)
         now = time.time()
         for rcpt, o in zip(self.recipients, outcomes):
+            if rcpt.scope.modes:
+                self._level_rows(rcpt, common, mode_of,
+                                 (lambda s: (lambda name: pipeline.mode(s, name)))(rcpt.scope), now)
             action = o.action
             if kind == "accept" and action is Action.REJECT:
                 action = Action.QUARANTINE

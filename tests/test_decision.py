@@ -63,7 +63,9 @@ class Gateway:
         order = default_checks()
         # Planned checks after the real ones of their phase (relay control stays first).
         checks = order + list(self.checks.values())
-        self.engine = Engine(home, listeners=[ListenerSpec("inbound", "inbound", "127.0.0.1", 0)], checks=checks)
+        self.engine = Engine(home, listeners=[ListenerSpec("inbound", "inbound", "127.0.0.1", 0),
+                                              ListenerSpec("submission", "submission", "127.0.0.1", 0)],
+                             checks=checks)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.sink = sink
@@ -74,7 +76,8 @@ class Gateway:
     def start(self) -> "Gateway":
         self.thread.start()
         self.call(self.engine.start())
-        self.port = self.engine.bound[0]["port"]
+        ports = {b["name"]: b["port"] for b in self.engine.bound}
+        self.port, self.submission_port = ports["inbound"], ports["submission"]
         return self
 
     def stop(self) -> None:
@@ -522,6 +525,37 @@ def test_policy_test_gives_the_stored_trace_of_a_real_session(g, name, plan, rcp
     assert report.final is not None or not any(r == "r@example.test" for r in rcpts[:1])
 
 
+def test_policy_test_gives_the_stored_trace_of_an_authenticated_tls_session(g):
+    import ssl
+    from mailbox_guard.auth.users import UserStore
+    password = "whatif horse battery staple 45"
+    UserStore(PolicyStore(g.home / "mailbox-guard.db")).add("erin@example.test", password)
+    g.plan.update(mail=[("TEST_M", Action.NONE, 2.0)], data=[("TEST_D", Action.NONE, 4.5)])
+    message = MESSAGE.replace(b"s@sender.test", b"erin@example.test")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    t = time.time()
+    with smtplib.SMTP("127.0.0.1", g.submission_port, timeout=20) as s:
+        s.ehlo("client.sender.test")
+        s.starttls(context=context)
+        s.ehlo("client.sender.test")
+        s.login("erin@example.test", password)
+        s.sendmail("erin@example.test", ["r@example.test", "x@elsewhere.test"], message)
+    real = [r for r in g.connection_trace(g.last_connection(t)) if r[0] != "tls"]
+    assert ("auth", "erin@example.test", "auth", "AUTH_OK", "accept") in [r[:5] for r in real]
+    w = whatif.WhatIf(ip="127.0.0.1", helo="client.sender.test", mail_from="erin@example.test",
+                      recipients=["r@example.test", "x@elsewhere.test"], listener="submission",
+                      listener_kind="submission", auth_user="erin@example.test",
+                      auth_addresses=frozenset({"erin@example.test"}), tls=True, message=message)
+    report = asyncio.run(whatif.run(w, g.engine.policy, checks=list(g.engine.pipeline.checks)))
+    simulated = [(v.phase, v.subject, v.check, v.symbol, v.action, v.detail) for v in report.trace
+                 if v.phase != "tls"]
+    assert _comparable(simulated) == _comparable(real)
+    assert [(o["recipient"], o["outcome"]) for o in report.outcomes] == [("r@example.test", "tag"),
+                                                                         ("x@elsewhere.test", "tag")]
+
+
 def test_the_policy_test_command_shows_phases_and_outcomes_and_stores_nothing(tmp_path):
     import json
     from tests.conftest import new_gateway
@@ -549,25 +583,62 @@ def test_the_policy_test_command_shows_phases_and_outcomes_and_stores_nothing(tm
     nouser = gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "h", "--from", "a@x", "--to", "b@y",
                     "--auth", "ghost@example.org", check=False)
     assert nouser.returncode == 1 and "no such user" in nouser.stderr
+    gw.cli("users", "add", "bob@example.org", "--password-stdin", input="policy horse battery staple 46\n")
+    authed = json.loads(gw.cli("policy", "test", "--ip", "192.0.2.7", "--helo", "laptop", "--from",
+                               "bob@example.org", "--to", "eve@elsewhere.test", "--auth", "bob@example.org",
+                               "--tls", "--json").stdout)
+    assert [s["command"].split(" ")[0] for s in authed["steps"]][:3] == ["(connect", "EHLO", "AUTH"]
+    assert authed["steps"][-1]["reply"][:3] == "250"      # an authenticated user may relay
+    assert ("tls", "TLS_ESTABLISHED") in [(r["phase"], r["symbol"]) for r in authed["results"]]
+    assert [(o["recipient"], o["outcome"]) for o in authed["recipients"]] == [("eve@elsewhere.test", "accept")]
 
 
 def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
+    """Listener, HELO, TLS version and cipher, the authenticated user and mechanism;
+    the login rehashes an old password hash on the way, and policy_version stays."""
     import ssl
+    from argon2 import PasswordHasher
+    from mailbox_guard.auth.users import UserStore
+    db = g.home / "mailbox-guard.db"
+    password = "replay horse battery staple 44"
+    UserStore(PolicyStore(db)).add("dave@example.test", password)
+    g.sql("UPDATE users SET password_hash = ? WHERE name = 'dave@example.test'",
+          (PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(password),))
+
+    def versions():
+        conn = connect(db, readonly=True)
+        try:
+            return state_versions(conn)
+        finally:
+            conn.close()
+    before = versions()
     t = time.time()
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP("127.0.0.1", g.port, timeout=20) as s:
+    with smtplib.SMTP("127.0.0.1", g.submission_port, timeout=20) as s:
         s.ehlo("replay.sender.test")
         s.starttls(context=context)
         s.ehlo("replay.sender.test")
-        s.sendmail("s@sender.test", ["r@example.test"], MESSAGE)
+        s.login("dave@example.test", password)
+        s.sendmail("dave@example.test", ["r@example.test"], MESSAGE.replace(b"s@sender.test", b"dave@example.test"))
     queue_id = g.messages_since(t)[0]
-    helo, tls, listener = g.rows("SELECT helo, tls, listener FROM messages WHERE id = ?", (queue_id,))[0]
-    assert (helo, listener) == ("replay.sender.test", "inbound") and tls.startswith("TLSv1.")
+    helo, tls, listener, auth_user = g.rows("SELECT helo, tls, listener, auth_user FROM messages WHERE id = ?",
+                                            (queue_id,))[0]
+    assert (helo, listener, auth_user) == ("replay.sender.test", "submission", "dave@example.test")
+    assert tls.startswith("TLSv1.")
     conn_id = g.last_connection(t)
-    version, cipher = g.rows("SELECT tls_version, tls_cipher FROM connections WHERE id = ?", (conn_id,))[0]
+    row = g.rows("SELECT tls_version, tls_cipher, helo, listener, auth_user, auth_mechanism FROM connections "
+                 "WHERE id = ?", (conn_id,))[0]
+    version, cipher = row[:2]
     assert version.startswith("TLSv1.") and cipher and tls == f"{version} {cipher}"
+    assert row[2:] == ("replay.sender.test", "submission", "dave@example.test", "PLAIN")
+    deadline = time.monotonic() + 10
+    while not g.rows("SELECT password_hash FROM users WHERE name = 'dave@example.test'")[0][0].startswith(
+            "$argon2id$v=19$m=19456,t=2,"):
+        assert time.monotonic() < deadline, "the old hash was not upgraded at login"
+        time.sleep(0.05)
+    assert versions()[0] == before[0]           # the rehash (and the login's bookkeeping): no reload
 
 
 def test_a_repeated_ehlo_replaces_its_findings_and_scores_are_not_added_twice(g):

@@ -249,6 +249,26 @@ def test_a_helo_finding_waits_for_rcpt_too(g):
     assert mail[0] == 250 and codes[0] == (550, b"5.7.1 Bad HELO by test")
 
 
+def test_a_mail_finding_waits_for_rcpt_and_postmaster_still_gets_through(g):
+    g.plan["mail"] = [("TEST_MAIL_BAD", Action.REJECT, 0.0, "550 5.7.1 Bad sender by test")]
+    mail, codes, data = send(g, ["r@example.test", "postmaster@example.test"])
+    assert mail[0] == 250 and codes[0] == (550, b"5.7.1 Bad sender by test") and codes[1][0] == 250
+    assert data[0] == 250
+
+
+@pytest.mark.parametrize("phase", ["helo", "mail"])
+def test_with_delay_reject_off_a_finding_is_answered_at_its_own_command(g, phase):
+    g.set("smtp.delay_reject", "no")
+    g.plan[phase] = [("TEST_EARLY", Action.REJECT, 0.0, "550 5.7.1 Refused at once by test")]
+    with smtplib.SMTP("127.0.0.1", g.port, timeout=20) as s:
+        code, text = s.ehlo("client.sender.test")
+        if phase == "helo":
+            assert (code, text) == (550, b"5.7.1 Refused at once by test")
+            return
+        assert code == 250
+        assert s.mail("s@sender.test") == (550, b"5.7.1 Refused at once by test")
+
+
 # ---------------------------------------------------------------- scores
 def test_scores_add_up_across_phases_and_tag_adds_the_headers(g):
     g.set("actions.subject_prefix", "[SPAM]")
@@ -365,6 +385,17 @@ def test_warn_mode_traces_would_and_delivers(g):
     m = g.message(g.messages_since(t)[0])
     rows = [r for r in m["trace"] if r[3] == "TEST_D_REJECT"]
     assert rows and rows[0][4] == "warn" and rows[0][5].startswith("would reject")
+
+
+def test_warn_mode_traces_would_quarantine(g):
+    g.mode("planned_data", "warn")
+    g.plan.update(data=[("TEST_D_HOLD", Action.QUARANTINE)])
+    t = time.time()
+    _, _, data = send(g, ["r@example.test"])
+    assert data[0] == 250
+    m = g.message(g.messages_since(t)[0])
+    assert m["state"] != "quarantine"
+    assert [(r[4], r[5]) for r in m["trace"] if r[3] == "TEST_D_HOLD"] == [("warn", "would quarantine")]
 
 
 def test_off_mode_never_runs_the_check(g):

@@ -364,15 +364,33 @@ def test_domains_show_and_remove_asks_saying_what_goes(tmp_path):
     build_policy(home, "127.0.0.1:2600")
     for address in ("x1@example.test", "x2@example.test"):
         ok(home, "recipients", "add", address)
+    # The domain's own settings and check modes (build_policy set actions.reject 10 for
+    # it); those of its addresses and of the server are not the domain's.
+    ok(home, "config", "set", "actions.tag", "4", "--domain", "EXAMPLE.test")
+    ok(home, "checks", "mode", "rcpt_recipients", "warn", "--domain", "example.test")
+    ok(home, "checks", "mode", "data_hops", "enforce", "--domain", "example.test")
     info = json.loads(ok(home, "domains", "show", "example.test", "--json"))
     assert info == {"name": "example.test", "unicode": "example.test", "next_hop": "127.0.0.1:2600",
                     "anti_impersonation": True, "mechanisms": ["CRAM-MD5"],
                     "password_policy": {"scope": "*", "min_length": 13, "min_classes": 3,
                                         "reject_common": True, "reject_name": True},
+                    "settings": {"actions.reject": "10", "actions.tag": "4"},
+                    "check_modes": {"data_hops": "enforce", "rcpt_recipients": "warn"},
                     "recipients": 3, "users": 1}
+    text = ok(home, "domains", "show", "example.test")
+    assert "\nsettings            actions.reject=10, actions.tag=4\n" in text, text
+    assert "\ncheck modes         data_hops=enforce, rcpt_recipients=warn\n" in text, text
+    ok(home, "config", "unset", "actions.tag", "--domain", "example.test")
+    ok(home, "checks", "reset", "data_hops", "--domain", "example.test")
+    info = json.loads(ok(home, "domains", "show", "example.test", "--json"))
+    assert (info["settings"], info["check_modes"]) == ({"actions.reject": "10"}, {"rcpt_recipients": "warn"})
     text = ok(home, "domains", "show", "exämple.org")
     assert "anti-impersonation  off" in text and "this domain's: at least 13 characters, 4 classes" in text
     assert "[::1]:2600" in text
+    assert "\nsettings            none of its own (the server's values apply)\n" in text, text
+    assert "\ncheck modes         none of its own (the server's modes apply)\n" in text, text
+    info = json.loads(ok(home, "domains", "show", "exämple.org", "--json"))
+    assert (info["settings"], info["check_modes"]) == ({}, {})
     code, seen = on_terminal(home, "domains", "remove", "example.test", answer="n")
     assert code == 1 and "3 recipient(s) and 1 user(s)?" in seen
     assert json.loads(ok(home, "domains", "show", "example.test", "--json"))["recipients"] == 3

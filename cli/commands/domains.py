@@ -52,7 +52,8 @@ def domains_list(as_json: bool = JSON) -> None:
 @app.command("show")
 def domains_show(name: str = typer.Argument(..., help="Domain name."), as_json: bool = JSON) -> None:
     """Show every option of a guarded domain: next hop, anti-impersonation, SASL
-    mechanisms, password policy, how many recipients and users it has.
+    mechanisms, password policy, its own settings (`config set --domain`) and check
+    modes (`checks mode --domain`), how many recipients and users it has.
 
     Example: mailbox-guard domains show example.org
     """
@@ -69,11 +70,17 @@ def domains_show(name: str = typer.Argument(..., help="Domain name."), as_json: 
              ("anti-impersonation", "on" if info["anti_impersonation"] else "off"),
              ("legacy mechanisms", ", ".join(info["mechanisms"]) or "none (CRAM-MD5, DIGEST-MD5 off)"),
              ("password policy", _policy_text(policy, info["name"])),
+             ("settings", _own(info["settings"], "the server's values apply")),
+             ("check modes", _own(info["check_modes"], "the server's modes apply")),
              ("recipients", f"{info['recipients']}" + ("" if info["recipients"] else " (no list: every local part accepted)")),
              ("users", str(info["users"]))]
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def _own(values: dict, otherwise: str) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or f"none of its own ({otherwise})"
 
 
 def _policy_text(policy: dict, domain: str) -> str:

@@ -480,7 +480,9 @@ class PolicyStore:
             return gone
 
     def domain(self, name: str) -> dict:
-        """Every per-domain option of a guarded domain (raises SettingError if not)."""
+        """Every per-domain option of a guarded domain (raises SettingError if not):
+        next hop, anti-impersonation, mechanisms, password policy, its own scoped
+        settings and check modes, and how many recipients and users it has."""
         name = normalise_domain(name)
         with self._tx() as conn:
             row = conn.execute("SELECT name, next_hop, anti_impersonation FROM domains "
@@ -495,6 +497,10 @@ class PolicyStore:
                     "mechanisms": [r[0] for r in conn.execute(
                         "SELECT mechanism FROM domain_mechanisms WHERE domain = ? ORDER BY mechanism", (name,))],
                     "password_policy": _policy_row(policy) if policy else None,
+                    "settings": {r[0]: r[1] for r in conn.execute(
+                        "SELECT key, value FROM scoped_settings WHERE scope = ? ORDER BY key", (name,))},
+                    "check_modes": {r[0]: r[1] for r in conn.execute(
+                        "SELECT check_name, mode FROM check_modes WHERE scope = ? ORDER BY check_name", (name,))},
                     "recipients": count("SELECT count(*) FROM recipients WHERE domain = ?"),
                     "users": count("SELECT count(*) FROM users WHERE domain = ?")}
 

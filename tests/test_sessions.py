@@ -1,7 +1,8 @@
 """A connection is in the engine's table from accept to close, however it ends: TLS
 handshakes that fail, are abandoned or time out (STARTTLS and SMTPS) leave no ghost
-behind, count against the connection limits while they last, and stopping the engine
-after them is a clean stop. Odd bytes after a command answer 5xx, never 451."""
+behind (at once, not at the handshake deadline), count against the connection limits
+while they last, can be killed, and stopping the engine after them or during them is a
+clean stop. Odd bytes after a command answer 5xx, never 451."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import warnings
 
 import pytest
 
+from mailbox_guard import replies
 from mailbox_guard.control.client import ControlClient
-from tests.conftest import free_port
+from tests.conftest import free_port, new_gateway
 
 
 def live(gw) -> list[dict]:
@@ -119,6 +121,66 @@ def test_failed_starttls_leaves_no_ghost(tls_gw, trigger):
     assert "Traceback" not in tls_gw.log()
 
 
+@pytest.fixture(scope="module")
+def slow_tls_gw(tmp_path_factory):
+    """One engine for the module whose TLS handshake deadline (30 s) is far off: an
+    entry that leaves the table here left it because the connection ended, not
+    because the deadline cut it."""
+    gw = new_gateway(tmp_path_factory.mktemp("slow-tls") / "home")
+    gw.smtps_port = free_port()
+    gw.configure(**{"smtp.tls_handshake_timeout": "30s"})
+    gw.start("--smtps", f"127.0.0.1:{gw.smtps_port}")
+    yield gw
+    gw.stop()
+
+
+def until_closed(sock: socket.socket, seconds: float = 5) -> bytes:
+    """What the server sent before it closed the connection (fails if it stays open)."""
+    sock.settimeout(seconds)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def empty_within(gw, seconds: float) -> float:
+    """How long the connection table took to empty; fails past ``seconds``."""
+    started = time.monotonic()
+    while live(gw):
+        assert time.monotonic() - started < seconds, live(gw)
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("trigger", TRIGGERS, ids=lambda f: f.__name__)
+def test_a_ghost_leaves_the_table_at_once_not_at_the_handshake_deadline(slow_tls_gw, trigger):
+    assert live(slow_tls_gw) == []
+    trigger(slow_tls_gw.port)
+    assert empty_within(slow_tls_gw, 0.5) < 0.5         # the deadline is 30 s away
+    assert "Traceback" not in slow_tls_gw.log()
+
+
+def test_kill_of_a_connection_in_its_starttls_handshake(slow_tls_gw):
+    s = to_starttls(slow_tls_gw.port)                  # the 220 read; no ClientHello sent
+    try:
+        slow_tls_gw.wait_until(lambda: [c["phase"] for c in live(slow_tls_gw)] == ["starttls"], timeout=5,
+                               what="the STARTTLS handshake in the table")
+        (conn,) = live(slow_tls_gw)
+        out = slow_tls_gw.cli("connections", "kill", conn["id"], check=False)
+        assert (out.returncode, out.stdout, out.stderr) == (0, f"{conn['id']}: closed\n", "")
+        # Closed now, not in 30 s. (What it says, if anything, goes in clear text in
+        # the middle of a handshake: no TLS client can read it.)
+        assert until_closed(s) in (b"", f"{replies.S421_KILLED.format(hostname='gw.test')}\r\n".encode())
+        assert empty_within(slow_tls_gw, 0.5) < 0.5
+    finally:
+        s.close()
+    log = slow_tls_gw.log()
+    assert "Traceback" not in log and "internal error" not in log
+    # Killing it again: it is gone, one line and exit 1.
+    out = slow_tls_gw.cli("connections", "kill", conn["id"], check=False)
+    assert out.returncode == 1 and out.stderr == f"mailbox-guard: no live connection {conn['id']}\n"
+
+
 def test_a_silent_starttls_client_is_dropped_at_the_handshake_deadline(tls_gw):
     s = to_starttls(tls_gw.port)
     assert len(live(tls_gw)) == 1
@@ -208,17 +270,36 @@ def test_handshakes_count_against_the_total_limit(gateway):
     wait_empty(gateway)
 
 
-def test_kill_of_a_connection_in_its_handshake(tls_gw):
-    tls_gw.stop()
-    tls_gw.configure(**{"smtp.tls_handshake_timeout": "30s"})
-    tls_gw.start("--smtps", f"127.0.0.1:{tls_gw.smtps_port}")
-    with socket.create_connection(("127.0.0.1", tls_gw.smtps_port), timeout=10) as s:
-        tls_gw.wait_until(lambda: len(live(tls_gw)) == 1, timeout=5, what="the handshake in the table")
-        (conn,) = live(tls_gw)
-        assert tls_gw.cli("connections", "kill", conn["id"]).returncode == 0
+def test_kill_of_a_connection_in_its_smtps_handshake(slow_tls_gw):
+    with socket.create_connection(("127.0.0.1", slow_tls_gw.smtps_port), timeout=10) as s:
+        slow_tls_gw.wait_until(lambda: len(live(slow_tls_gw)) == 1, timeout=5, what="the handshake in the table")
+        (conn,) = live(slow_tls_gw)
+        assert slow_tls_gw.cli("connections", "kill", conn["id"]).returncode == 0
         assert s.recv(100) == b""
-    wait_empty(tls_gw)
-    assert "Traceback" not in tls_gw.log()
+    wait_empty(slow_tls_gw)
+    assert "Traceback" not in slow_tls_gw.log()
+
+
+def test_sigint_with_starttls_handshakes_open_is_a_clean_stop(gateway):
+    gateway.configure(**{"smtp.tls_handshake_timeout": "30s"})
+    gateway.start()
+    held = [to_starttls(gateway.port) for _ in range(5)]     # each in its handshake, none to end soon
+    try:
+        gateway.wait_until(lambda: [c["phase"] for c in live(gateway)] == ["starttls"] * 5, timeout=5,
+                           what="five STARTTLS handshakes in the table")
+        started = time.monotonic()
+        assert gateway.stop(signal.SIGINT) == 0
+        assert time.monotonic() - started < 10          # not the 30 s handshake deadline
+        shutdown = f"{replies.S421_SHUTTING_DOWN.format(hostname='gw.test')}\r\n".encode()
+        for s in held:
+            assert until_closed(s) in (b"", shutdown)  # closed by the stop
+    finally:
+        for s in held:
+            s.close()
+    assert not (gateway.home / "engine.json").exists()
+    assert not (gateway.home / "control.sock").exists()
+    log = gateway.log()
+    assert "internal error" not in log and "Traceback" not in log
 
 
 ODD = ["\u0085", "\u2028", "\x1c", "\u00a0", "\u3000"]

@@ -251,6 +251,65 @@ def test_manual_retry_does_not_use_up_the_schedule(gateway):
         assert 590 < now["next_attempt"] - now["last"] < 610, command
 
 
+def test_bulk_retry_does_not_use_up_the_schedule(gateway):
+    gateway.configure(**{"queue.retry_schedule": "10m,1h"})
+    port = free_port()              # nothing listens: connection refused
+    for domain in ("a.test", "b.test"):
+        gateway.policy().add_domain(domain, f"127.0.0.1:{port}")
+    gateway.start()
+    with gateway.smtp() as s:
+        for to in ("u1@a.test", "u2@a.test", "u3@b.test"):
+            s.sendmail("alice@sender.test", [to], make_message(to=to))
+    deferred(gateway, 3)
+
+    def rows() -> dict[str, dict]:
+        """Recipient domain -> its messages' state, attempts, tries and next attempt."""
+        out: dict[str, list] = {}
+        for r in gateway.query(
+                "SELECT m.state, m.attempts, m.next_attempt, (SELECT domain FROM message_recipients r "
+                "WHERE r.message_id = m.id) AS domain, (SELECT count(*) FROM delivery_log l "
+                "WHERE l.message_id = m.id) AS tries, (SELECT max(at) FROM delivery_log l "
+                "WHERE l.message_id = m.id) AS last FROM messages m ORDER BY m.received_at"):
+            out.setdefault(r.pop("domain"), []).append(r)
+        return out
+
+    def settled(tries: dict[str, int]) -> bool:
+        now = rows()
+        return all(r["tries"] == tries[d] and r["state"] == "deferred" for d in tries for r in now[d])
+
+    def schedule_intact() -> None:
+        for r in sum(rows().values(), []):
+            assert r["attempts"] == 1, r                            # the schedule's step is unchanged
+            assert 590 < r["next_attempt"] - r["last"] < 610, r     # still the first step, 10m
+
+    schedule_intact()
+    before_b = rows()["b.test"]
+    out = gateway.cli("queue", "retry", "--all", "--to-domain", "A.test")
+    assert out.stdout.strip() == "2 message(s) will be retried now"
+    gateway.wait_until(lambda: settled({"a.test": 2}), what="a.test retried")
+    time.sleep(0.3)
+    assert rows()["b.test"] == before_b                            # not its domain: left alone
+    schedule_intact()
+    out = gateway.cli("queue", "retry", "--all", "--state", "deferred")
+    assert out.stdout.strip() == "3 message(s) will be retried now"
+    gateway.wait_until(lambda: settled({"a.test": 3, "b.test": 2}), what="all retried")
+    schedule_intact()
+
+    # The engine stopped: the same on the store, where "due now" can be seen as it is.
+    gateway.stop()
+    started = time.time()
+    out = gateway.cli("queue", "retry", "--all", "--to-domain", "b.test")
+    assert out.stdout.strip() == "1 message(s) will be retried now"
+    now = rows()
+    assert [started - 1 < r["next_attempt"] <= time.time() for r in now["b.test"]] == [True]
+    assert [r["next_attempt"] - r["last"] > 590 for r in now["a.test"]] == [True, True]
+    out = gateway.cli("queue", "retry", "--all", "--state", "deferred")
+    assert out.stdout.strip() == "3 message(s) will be retried now"
+    now = rows()
+    assert all(started - 1 < r["next_attempt"] <= time.time() and r["attempts"] == 1 and r["state"] == "deferred"
+               for r in sum(now.values(), [])), now
+
+
 def test_status_warns_about_an_open_relay(gateway):
     gateway.policy()
     with gateway.db() as db:       # as an older version (without the --force check) let it in

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 from tests.conftest import ROOT, free_port, make_message
 
@@ -39,13 +40,17 @@ def test_rejects_and_why_find_refused_recipients(gateway):
     gateway.policy().add_domain("example.test", "127.0.0.1:9")
     gateway.policy().add_recipient("alice@example.test")      # a recipient list: others get 550
     gateway.start()
+    started = time.time()
     conn_id = refuse_two(gateway)
+    ended = time.time()
 
     # Postfix's line, with the client address, for an admin's grep and fail2ban.
     log = gateway.log()
     assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <x@other.test>: Relay access denied; "
             f"from=<alice@sender.test> to=<x@other.test> proto=ESMTP helo=<client.test> conn={conn_id}") in log
-    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <nobody@example.test>") in log
+    assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <nobody@example.test>: Recipient address "
+            "rejected: User unknown; from=<alice@sender.test> to=<nobody@example.test> proto=ESMTP "
+            f"helo=<client.test> conn={conn_id}\n") in log
 
     out = gateway.cli("rejects")
     assert "x@other.test" in out.stdout and "nobody@example.test" in out.stdout
@@ -57,6 +62,15 @@ def test_rejects_and_why_find_refused_recipients(gateway):
             for r in rows] == [
         ("nobody@example.test", "RCPT_UNKNOWN_USER", "550 5.1.1", "127.0.0.1", conn_id, "rcpt"),
         ("x@other.test", "RELAY_DENIED", "554 5.7.1", "127.0.0.1", conn_id, "rcpt")]
+    # The time column: when each command was refused, local time to the second, the
+    # same instant as --json's "at" (seconds since the epoch).
+    assert all(started <= r["at"] <= ended for r in rows), (started, [r["at"] for r in rows], ended)
+    header, *lines = out.stdout.splitlines()
+    assert header.split()[:2] == ["TIME", "CONNECTION"] and len(lines) == 2
+    for line, row in zip(lines, rows):
+        shown = datetime.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+        assert shown == datetime.fromtimestamp(row["at"]).replace(microsecond=0), (line, row["at"])
+        assert line[19:].split()[:2] == [conn_id, "127.0.0.1"], line
 
     def recipients(*filters):
         return [r["recipient"] for r in json.loads(gateway.cli("rejects", "--json", *filters).stdout)]

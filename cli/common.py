@@ -52,6 +52,17 @@ READ_ONLY_COMMANDS = frozenset({
     "config show", "config get", "config export", "queue list", "queue show", "queue summary",
     "messages why", "users list", "auth bans", "tls show", "policy test", "checks list"})
 
+# Edits that can only change what is already there: removals, unsets, unbans, resets,
+# and changes to a guarded domain, its recipients and its users. On a home that does
+# not exist they cannot succeed, so they refuse as read-only commands do instead of
+# creating an empty store to fail in. (`config set`, `checks mode` and `users policy`
+# are such edits with --domain or --user: they ask `require_home` themselves.)
+EXISTING_ONLY_COMMANDS = frozenset({
+    "domains remove", "domains set", "recipients add", "recipients import", "recipients remove",
+    "networks remove", "listeners remove", "config unset", "checks reset", "auth unban",
+    "users add", "users passwd", "users disable", "users enable", "users remove", "users alias",
+    "users unalias", "users mechanism"})
+
 
 def _command() -> str:
     """The command being run, e.g. "domains list"."""
@@ -80,7 +91,8 @@ def require_home() -> Path:
 
 
 def store() -> PolicyStore:
-    if _command() in READ_ONLY_COMMANDS:
+    command = _command()
+    if command in READ_ONLY_COMMANDS or command in EXISTING_ONLY_COMMANDS:
         return PolicyStore(require_home())
     try:
         return PolicyStore(ensure_home(state.home))

@@ -155,6 +155,55 @@ def test_read_only_commands_do_not_create_a_home(tmp_path):
         {"name": "example.test", "next_hop": None}]
 
 
+# Edits that can only change what is there already: on a home that does not exist
+# they would fail anyway, so they fail saying why, and make nothing.
+EDITS_OF_WHAT_EXISTS = [
+    (["recipients", "remove", "bob@example.test"], None), (["recipients", "add", "bob@example.test"], None),
+    (["recipients", "import", "-"], "bob@example.test\n"), (["networks", "remove", "10.0.0.0/8"], None),
+    (["domains", "remove", "example.test", "--yes"], None),
+    (["domains", "set", "example.test", "--anti-impersonation", "off"], None),
+    (["listeners", "remove", "mx"], None), (["config", "unset", "actions.reject"], None),
+    (["config", "unset", "actions.reject", "--domain", "example.test"], None),
+    (["config", "set", "actions.reject", "10", "--domain", "example.test"], None),
+    (["config", "set", "actions.reject", "10", "--user", "bob@example.test"], None),
+    (["checks", "reset", "rcpt_recipients"], None),
+    (["checks", "mode", "rcpt_recipients", "warn", "--domain", "example.test"], None),
+    (["auth", "unban", "192.0.2.7"], None), (["users", "remove", "alice@example.test"], None),
+    (["users", "unalias", "sales@example.test"], None), (["users", "disable", "alice@example.test"], None),
+    (["users", "enable", "alice@example.test"], None),
+    (["users", "alias", "alice@example.test", "sales@example.test"], None),
+    (["users", "add", "alice@example.test", "--password-stdin"], "Corr3ct-Horse-Battery\n"),
+    (["users", "passwd", "alice@example.test", "--password-stdin"], "Corr3ct-Horse-Battery\n"),
+    (["users", "mechanism", "example.test", "CRAM-MD5", "on"], None),
+    (["users", "policy", "--domain", "example.test", "--min-length", "14"], None)]
+
+
+def test_edits_of_what_exists_do_not_create_a_home(tmp_path):
+    home = tmp_path / "typo" / "deeper"
+    for args, stdin in EDITS_OF_WHAT_EXISTS:
+        out = mg(home, *args, input=stdin)
+        one_error_line(out, f"no mailbox-guard home at {home} (use --home, or start it with `serve`)")
+        assert out.stdout == "", (args, out.stdout)
+        assert not home.parent.exists(), args
+    # The same edits that create something do make the home (the server's own values).
+    for args in (["config", "set", "actions.reject", "10"], ["checks", "mode", "rcpt_recipients", "warn"]):
+        assert mg(home, *args).returncode == 0, args
+    assert mg(home, "config", "get", "actions.reject").stdout.strip() == "10"
+    # On a home that exists the same edits answer as before (here: nothing to remove).
+    assert "is not a trusted network" in mg(home, "networks", "remove", "10.0.0.0/8").stderr
+    assert mg(home, "auth", "unban", "192.0.2.7").stderr.strip() == "mailbox-guard: no ban for 192.0.2.7"
+
+
+def test_the_commands_named_to_need_a_home_exist():
+    """A misspelt name in those sets would quietly let its command create a home."""
+    from cli.common import EXISTING_ONLY_COMMANDS, READ_ONLY_COMMANDS
+    from tests.test_cli_all import leaf_commands
+    commands = leaf_commands()
+    assert READ_ONLY_COMMANDS <= commands, READ_ONLY_COMMANDS - commands
+    assert EXISTING_ONLY_COMMANDS <= commands, EXISTING_ONLY_COMMANDS - commands
+    assert {" ".join(args[:2]) for args, _ in EDITS_OF_WHAT_EXISTS} >= EXISTING_ONLY_COMMANDS
+
+
 def test_version():
     out = subprocess.run([sys.executable, "-m", "mailbox_guard", "--version"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)

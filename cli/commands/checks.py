@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, emit_json, fail, guarded, store
+from cli.common import JSON, emit, emit_json, fail, guarded, require_home, store
 from mailbox_guard.checks import default_checks
 from mailbox_guard.model import Phase, check_attr
 from mailbox_guard.store.db import MODES
@@ -27,6 +27,8 @@ PHASES = [p.value for p in Phase]
 def _scope(domain: Optional[str], user: Optional[str]) -> str:
     if domain is not None and user is not None:
         raise typer.BadParameter("give --domain or --user, not both", param_hint="--user")
+    if domain is not None or user is not None:
+        require_home()          # a domain or user of a home that does not exist: nothing to change
     return guarded(lambda: store().scope_of(domain=domain, user=user))
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, store
+from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, require_home, store
 from mailbox_guard.config import SETTINGS, SettingError
 from mailbox_guard.store.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
                                       read_state)
@@ -33,6 +33,8 @@ def _scope(domain: Optional[str], user: Optional[str]) -> str:
     """The scope --domain / --user name ('' for the server), checked against the store."""
     if domain is not None and user is not None:
         raise typer.BadParameter("give --domain or --user, not both", param_hint="--user")
+    if domain is not None or user is not None:
+        require_home()          # a domain or user of a home that does not exist: nothing to change
     return guarded(lambda: store().scope_of(domain=domain, user=user))
 
 

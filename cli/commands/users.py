@@ -40,8 +40,9 @@ def users_add(name: str = typer.Argument(..., help="The user's own address (the 
 
     Example: printf '%s\\n' "$PW" | mailbox-guard users add alice@example.org --password-stdin
     """
+    us = users()                # no home: said before a password is asked for
     password = read_password(password_stdin, name)
-    typer.echo(f"added {guarded(lambda: users().add(name, password))}")
+    typer.echo(f"added {guarded(lambda: us.add(name, password))}")
 
 
 @app.command("passwd")
@@ -50,8 +51,9 @@ def users_passwd(name: str = typer.Argument(..., help="The login."), password_st
 
     Example: mailbox-guard users passwd alice@example.org
     """
+    us = users()
     password = read_password(password_stdin, name)
-    typer.echo(f"password of {guarded(lambda: users().passwd(name, password))} changed")
+    typer.echo(f"password of {guarded(lambda: us.passwd(name, password))} changed")
 
 
 @app.command("disable")
@@ -127,8 +129,8 @@ def users_policy(domain: Optional[str] = typer.Option(None, "--domain", help="Fo
 
     Example: mailbox-guard users policy --domain example.org --min-length 14 --min-classes 3
     """
-    if all(v is None for v in (min_length, min_classes, reject_common, reject_name)):
-        require_home()          # only showing: a typo in --home must not make a new home
+    if domain is not None or all(v is None for v in (min_length, min_classes, reject_common, reject_name)):
+        require_home()          # only showing, or a domain's: a typo in --home must not make a new home
     us = users()
     if domain is not None and not guarded(lambda: us.store.is_guarded(domain)):
         fail(f"{domain} is not a guarded domain")

@@ -81,6 +81,15 @@ def network_of(ip: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/{24 if addr.version == 4 else 64}", strict=False))
 
 
+def penalty_delay(failures: int, after: int, longest: float) -> float:
+    """Seconds a try for a login with ``failures`` recent failures waits, from a network
+    it never logged in from: none before ``after`` failures (0: never), then 1 s,
+    doubling with each further failure, at most ``longest``."""
+    if not after or failures < after:
+        return 0.0
+    return min(longest, 2.0 ** min(failures - after, 16))
+
+
 # A network a login succeeded from stays known this long after the last success.
 KNOWN_FOR = 180 * 86400
 
@@ -132,9 +141,9 @@ class AuthService:
         settings = self.policy().settings
         after = settings["auth.penalty_after"]
         if after and login is not None:
-            recent = self._recent(("login", login), settings["auth.ban_window"])
-            if recent >= after and network_of(ip) not in self.known.get(login, {}):
-                delay = min(settings["auth.penalty_max"], 2.0 ** min(recent - after, 16))
+            delay = penalty_delay(self._recent(("login", login), settings["auth.ban_window"]), after,
+                                  settings["auth.penalty_max"])
+            if delay and network_of(ip) not in self.known.get(login, {}):
                 await asyncio.sleep(delay)
         return self.refused(ip)
 

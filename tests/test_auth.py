@@ -497,3 +497,45 @@ def test_failed_tls_handshakes_leave_no_traceback(sub):
     time.sleep(0.5)
     assert "Traceback" not in sub.log()
     assert sub.proc.poll() is None
+
+
+def test_every_mechanism_logs_a_failure_with_the_client_address(sub):
+    """Postfix's `unknown[IP]: SASL MECH authentication failed: user=<...>` line for each
+    mechanism, each from its own loopback address, so that fail2ban's filters ban the
+    client whatever mechanism it tries."""
+    for mechanism in ("CRAM-MD5", "DIGEST-MD5"):
+        sub.cli("users", "mechanism", "example.test", mechanism, "on")
+    sub.cli("users", "passwd", "alice@example.test", "--password-stdin", input=PASSWORD + "\n")
+    sub.wait_until(lambda: {"CRAM-MD5", "DIGEST-MD5"} <= set(_features(sub).split()), timeout=5,
+                   what="legacy mechanisms on")
+    wrong = "wrong-Password-1"
+
+    def smtplib_auth(source, mechanism):
+        with submission(sub, source) as s:
+            s.user, s.password = "alice@example.test", wrong
+            with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+                s.auth(mechanism, getattr(s, f"auth_{mechanism.lower().replace('-', '_')}"))
+            assert err.value.smtp_code == 535
+
+    def scram(source, _):
+        with submission(sub, source) as s:
+            assert scram_login(s, "alice@example.test", wrong)[0] == 535
+
+    def swaks(source, mechanism):
+        out = subprocess.run([shutil.which("swaks"), "--server", f"127.0.0.1:{sub.sub_port}", "--tls",
+                              "--local-interface", source, "--auth", mechanism, "--auth-user", "alice@example.test",
+                              "--auth-password", wrong, "--from", "alice@example.test", "--to", "bob@example.test"],
+                             capture_output=True, text=True, timeout=60)
+        assert "535 5.7.8" in out.stdout, out.stdout[-1500:]
+
+    clients = {"PLAIN": smtplib_auth, "LOGIN": smtplib_auth, "CRAM-MD5": smtplib_auth, "DIGEST-MD5": swaks,
+               "SCRAM-SHA-256": scram}
+    for n, (mechanism, client) in enumerate(clients.items(), 11):
+        client(f"127.0.0.{n}", mechanism)
+    sub.wait_until(lambda: sub.log().count("authentication failed") >= len(clients), timeout=5,
+                   what="a failure line per mechanism")
+    log = sub.log()
+    for n, mechanism in enumerate(clients, 11):
+        line = f"unknown[127.0.0.{n}]: SASL {mechanism} authentication failed: user=<alice@example.test> conn=C"
+        assert line in log, (mechanism, [x for x in log.splitlines() if "authentication failed" in x])
+    assert wrong not in log

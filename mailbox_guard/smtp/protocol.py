@@ -60,6 +60,7 @@ class GuardSMTP(SaslMechanisms, SMTP):
         self.last_path: Path | None = None
         self.path_error: str | None = None
         self.phase = "connect"
+        self._handshaking = False       # inside a STARTTLS handshake
         self.connect_task: asyncio.Task | None = None
         self._out: list[bytes] = []
         self.released = False          # taken out of the engine's table (exactly once)
@@ -153,6 +154,7 @@ class GuardSMTP(SaslMechanisms, SMTP):
         """The server side of a TLS handshake within ``smtp.tls_handshake_timeout``;
         TLSSetupException when it fails, times out or the client goes away."""
         deadline = self.settings()["smtp.tls_handshake_timeout"]
+        self._handshaking = True
         try:
             async with asyncio.timeout(deadline + 1):
                 tls = await self.loop.start_tls(raw, self, context, server_side=True,
@@ -161,6 +163,8 @@ class GuardSMTP(SaslMechanisms, SMTP):
             raise
         except Exception as exc:        # whatever the handshake raised: the client's failure
             raise TLSSetupException() from exc
+        finally:
+            self._handshaking = False
         if tls is None or tls.is_closing():
             raise TLSSetupException() from ConnectionResetError("closed during the TLS handshake")
         self._tls_protocol = tls        # aiosmtpd's "TLS is on" flag (STARTTLS offer, AUTH)
@@ -271,6 +275,12 @@ class GuardSMTP(SaslMechanisms, SMTP):
         if transport is None or transport.is_closing():
             self._abort()           # nothing to say it on: drop what is left
             self.release()
+            return
+        if self._handshaking:
+            # In the middle of a STARTTLS handshake a plain-text line is garbage to
+            # the client's TLS layer: close without a word (the handshake fails and
+            # the session ends as any failed handshake does).
+            transport.abort()
             return
         transport.write(line.encode("ascii", "replace") + b"\r\n")
         transport.close()

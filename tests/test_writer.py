@@ -66,6 +66,39 @@ def test_a_job_error_comes_back_as_the_same_exception(tmp_path):
     assert writer.pid is None
 
 
+def _synchronous_seen(conn, items):
+    """A job run in bulk: the synchronous mode its batch commits with (2 FULL, 1 NORMAL)."""
+    mode = conn.execute("PRAGMA synchronous").fetchone()[0]
+    return [mode] * len(items)
+
+
+def test_lazy_batches_commit_without_an_fsync_and_every_other_batch_with_one(tmp_path):
+    """A batch of lazy jobs only (the end of a delivery) commits with synchronous=NORMAL;
+    any batch with a job that is not lazy (a new message before its 250) with FULL,
+    also when lazy jobs share it."""
+    db = tmp_path / "s.db"
+    store.initialise(db)
+    writer = Writer(db).start()
+
+    async def main():
+        alone_lazy = await writer.run_many(_synchronous_seen, "a", lazy=True)
+        durable = await writer.run_many(_synchronous_seen, "b")
+        again_lazy = await writer.run_many(_synchronous_seen, "c", lazy=True)
+        slow = asyncio.ensure_future(writer.run(_slow_job))       # the next two queue behind it
+        await asyncio.sleep(0.05)
+        mixed = await asyncio.gather(writer.run_many(_synchronous_seen, "d", lazy=True),
+                                     writer.run_many(_synchronous_seen, "e"))
+        await slow
+        return alone_lazy, durable, again_lazy, mixed, await writer.run(_insert_job, "after")
+    try:
+        alone_lazy, durable, again_lazy, mixed, inserted = asyncio.run(main())
+    finally:
+        writer.close()
+    assert (alone_lazy, durable, again_lazy) == (1, 2, 1)
+    assert mixed == [2, 2]
+    assert inserted == 1 and "after" in _keys(db)
+
+
 def test_a_store_the_writer_cannot_open_is_one_error_at_start(tmp_path):
     db = tmp_path / "s.db"
     db.write_bytes(b"this is not a database" * 100)

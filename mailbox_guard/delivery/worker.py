@@ -278,7 +278,7 @@ class Delivery:
         attempt = Attempt(msg.id, [(o.recipient, o.outcome, o.reply, o.remote) for o in outcomes], now,
                           next_attempt, last_error, message_rows(dsn) if dsn is not None else None, msg.fresh)
         await self._persist(msg.id, "record the delivery attempt",
-                            lambda: self.writer.run_many(finish_attempts, attempt))
+                            lambda: self.writer.run_many(finish_attempts, attempt, lazy=True))
         stats, events = self.stats, self.events
         for o in outcomes:
             stats.count(o.outcome)

@@ -23,6 +23,14 @@ messages of ten sessions are four multi-row INSERTs, not forty statements. Only 
 jobs that depend on no other job of their batch (new messages, the end of a delivery
 attempt).
 
+``lazy=True`` (the end of a delivery attempt): the job needs no fsync of its own. A
+batch of lazy jobs only commits with ``synchronous=NORMAL``: safe from a crash of
+any process (the WAL is in the page cache), and made durable on disk by the next
+commit that fsyncs (every batch with a new message in it: its 250 waits for that
+fsync, which covers the WAL before it). Only a power loss can undo such a batch, and
+then the message is delivered again (at worst a duplicate, never a loss, as with
+any lease). A finished delivery then costs no fsync of its own.
+
 The process dies with the engine: it exits when its socket closes (the engine ended,
 however it ended), after the commit under way. Jobs sent to a writer that died fail
 with ``sqlite3.OperationalError`` and the next job starts a new one.
@@ -121,19 +129,20 @@ class Writer:
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await self._submit(fn, (args, kwargs), False)
 
-    async def run_many(self, many: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
-        return await self._submit(many, item, True)
+    async def run_many(self, many: Callable[[sqlite3.Connection, list], list], item: Any, *,
+                       lazy: bool = False) -> Any:
+        return await self._submit(many, item, True, lazy)
 
-    async def _submit(self, fn, payload, many: bool) -> Any:
+    async def _submit(self, fn, payload, many: bool, lazy: bool = False) -> Any:
         job_id, future = self._pending.add()
         try:
-            self._send(job_id, fn, payload, many)
+            self._send(job_id, fn, payload, many, lazy)
         except BaseException:
             self._pending.drop(job_id)
             raise
         return await future
 
-    def _send(self, job_id: int | None, fn, payload, many: bool) -> None:
+    def _send(self, job_id: int | None, fn, payload, many: bool, lazy: bool = False) -> None:
         if self._closed:
             raise sqlite3.OperationalError("the store writer has stopped")
         if self._channel is None or not self._channel.open:
@@ -143,7 +152,7 @@ class Writer:
                 self.start()
             sock, self._sock = self._sock, None
             self._channel = childproc.Channel(sock, self._answer, self._lost)
-        self._channel.send((job_id, fn, payload, many))
+        self._channel.send((job_id, fn, payload, many, lazy))
 
     def _answer(self, answer) -> None:
         results, self.commits, self.failures = answer
@@ -164,10 +173,10 @@ def _set_busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
 
 # --------------------------------------------------------------------- the writer process
 class _Job:
-    __slots__ = ("id", "fn", "payload", "many")
+    __slots__ = ("id", "fn", "payload", "many", "lazy")
 
-    def __init__(self, job_id: int | None, fn, payload, many: bool) -> None:
-        self.id, self.fn, self.payload, self.many = job_id, fn, payload, many
+    def __init__(self, job_id: int | None, fn, payload, many: bool, lazy: bool = False) -> None:
+        self.id, self.fn, self.payload, self.many, self.lazy = job_id, fn, payload, many, lazy
 
     def run_alone(self, conn: sqlite3.Connection) -> Any:
         if self.many:
@@ -192,6 +201,7 @@ class _Committer:
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.commits = 0
         self.failures = 0
+        self._synchronous = "FULL"        # what connect() set and verified
         # Checkpoints copy the WAL into the database file and fsync it: done by the
         # committing connection they would stall whichever client's commit crosses
         # the threshold. A separate thread checkpoints instead (PASSIVE: it never
@@ -241,16 +251,35 @@ class _Committer:
             if stop:
                 return
 
+    def _sync_for(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """FULL (fsync at COMMIT) unless every job of the batch is lazy."""
+        wanted = "NORMAL" if all(job.lazy for job in batch) else "FULL"
+        if wanted == self._synchronous:
+            return
+        try:
+            conn.execute(f"PRAGMA synchronous = {wanted}")
+            self._synchronous = wanted
+        except sqlite3.Error as exc:
+            # Whatever it is now, a durable batch must not commit without its fsync.
+            self._synchronous = "unknown"
+            if wanted == "FULL":
+                raise
+            log.warning("cannot relax synchronous for a lazy batch: %s", exc)
+
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         # The usual batch has no failing job: run it without a savepoint per job (two
         # statements fewer per job). If a job fails, the transaction is rolled back
         # and the batch runs again job by job, each in its own savepoint, so that one
         # failing job does not spoil the others.
-        if len(batch) > 1:
-            outcomes = self._run_plain(conn, batch)
-            if outcomes is not None:
-                self._finish(conn, batch, outcomes)
-                return
+        try:
+            self._sync_for(conn, batch)
+        except sqlite3.Error as exc:
+            self._fail_all(batch, exc)
+            return
+        outcomes = self._run_plain(conn, batch)
+        if outcomes is not None:
+            self._finish(conn, batch, outcomes)
+            return
         outcomes = self._run_with_savepoints(conn, batch)
         if outcomes is not None:
             self._finish(conn, batch, outcomes)

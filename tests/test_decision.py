@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+import ssl
 import threading
 import time
 
@@ -132,6 +133,14 @@ class Gateway:
         finally:
             conn.close()
 
+    def versions(self) -> tuple:
+        """(policy_version, bans_version) of the store."""
+        conn = connect(self.home / "mailbox-guard.db", readonly=True)
+        try:
+            return state_versions(conn)
+        finally:
+            conn.close()
+
     def message(self, queue_id: str) -> dict:
         row = self.rows("SELECT state, reason, connection_id FROM messages WHERE id = ?", (queue_id,))
         assert row, f"no message {queue_id}"
@@ -184,6 +193,14 @@ def g(gw):
     gw.reset()
     yield gw
     gw.reset()
+
+
+def _unverified():
+    """A client TLS context for the engine's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 MESSAGE = b"From: <s@sender.test>\r\nTo: <r@example.test>\r\nSubject: hello\r\nMessage-ID: <m1@sender.test>\r\n\r\nbody\r\n"
@@ -476,14 +493,7 @@ def test_runtime_state_leaves_policy_version_alone(g):
     db = g.home / "mailbox-guard.db"
     users = UserStore(PolicyStore(db))
     users.add("carol@example.test", "correct horse battery staple 42")
-
-    def versions():
-        conn = connect(db, readonly=True)
-        try:
-            return state_versions(conn)
-        finally:
-            conn.close()
-    before = versions()
+    before = g.versions()
     g.sql("INSERT INTO auth_bans (kind, key, until, failures, created_at) VALUES ('ip', '192.0.2.9', ?, 10, ?)",
           (time.time() + 60, time.time()))
     conn = connect(db)
@@ -495,7 +505,7 @@ def test_runtime_state_leaves_policy_version_alone(g):
         conn.execute("COMMIT")
     finally:
         conn.close()
-    after = versions()
+    after = g.versions()
     assert after[0] == before[0]                            # no policy reload
     assert after[1] > before[1]                             # the bans are reloaded
     g.reload()
@@ -504,19 +514,14 @@ def test_runtime_state_leaves_policy_version_alone(g):
 
 
 def test_an_auth_brute_force_ban_does_not_bump_policy_version(g, tmp_path):
-    conn = connect(g.home / "mailbox-guard.db", readonly=True)
-    before = state_versions(conn)
-    conn.close()
+    before = g.versions()
     for _ in range(3):
         g.call(g.engine.auth.failed("192.0.2.77", "nobody@example.test"))
     g.set("auth.ban_after", "3")
     for _ in range(3):
         g.call(g.engine.auth.failed("192.0.2.77", "nobody@example.test"))
-    conn = connect(g.home / "mailbox-guard.db", readonly=True)
-    after = state_versions(conn)
-    banned = conn.execute("SELECT count(*) FROM auth_bans WHERE key = '192.0.2.77'").fetchone()[0]
-    conn.close()
-    assert banned == 1
+    after = g.versions()
+    assert g.rows("SELECT count(*) FROM auth_bans WHERE key = '192.0.2.77'")[0][0] == 1
     assert after[0] == before[0] + 1                        # only the auth.ban_after edit above
     g.sql("DELETE FROM settings WHERE key = 'auth.ban_after'")
     g.sql("DELETE FROM auth_bans")
@@ -557,15 +562,12 @@ def test_policy_test_gives_the_stored_trace_of_a_real_session(g, name, plan, rcp
 
 
 def test_policy_test_gives_the_stored_trace_of_an_authenticated_tls_session(g):
-    import ssl
     from mailbox_guard.auth.users import UserStore
     password = "whatif horse battery staple 45"
     UserStore(PolicyStore(g.home / "mailbox-guard.db")).add("erin@example.test", password)
     g.plan.update(mail=[("TEST_M", Action.NONE, 2.0)], data=[("TEST_D", Action.NONE, 4.5)])
     message = MESSAGE.replace(b"s@sender.test", b"erin@example.test")
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = _unverified()
     t = time.time()
     with smtplib.SMTP("127.0.0.1", g.submission_port, timeout=20) as s:
         s.ehlo("client.sender.test")
@@ -627,7 +629,6 @@ def test_the_policy_test_command_shows_phases_and_outcomes_and_stores_nothing(tm
 def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
     """Listener, HELO, TLS version and cipher, the authenticated user and mechanism;
     the login rehashes an old password hash on the way, and policy_version stays."""
-    import ssl
     from argon2 import PasswordHasher
     from mailbox_guard.auth.users import UserStore
     db = g.home / "mailbox-guard.db"
@@ -636,17 +637,9 @@ def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
     g.sql("UPDATE users SET password_hash = ? WHERE name = 'dave@example.test'",
           (PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1).hash(password),))
 
-    def versions():
-        conn = connect(db, readonly=True)
-        try:
-            return state_versions(conn)
-        finally:
-            conn.close()
-    before = versions()
+    before = g.versions()
     t = time.time()
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = _unverified()
     with smtplib.SMTP("127.0.0.1", g.submission_port, timeout=20) as s:
         s.ehlo("replay.sender.test")
         s.starttls(context=context)
@@ -669,7 +662,7 @@ def test_messages_and_connections_keep_the_facts_a_replay_needs(g):
             "$argon2id$v=19$m=19456,t=2,"):
         assert time.monotonic() < deadline, "the old hash was not upgraded at login"
         time.sleep(0.05)
-    assert versions()[0] == before[0]           # the rehash (and the login's bookkeeping): no reload
+    assert g.versions()[0] == before[0]           # the rehash (and the login's bookkeeping): no reload
 
 
 def test_a_repeated_ehlo_replaces_its_findings_and_scores_are_not_added_twice(g):

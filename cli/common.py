@@ -100,6 +100,15 @@ def store() -> PolicyStore:
         fail(str(exc))
 
 
+def scope_of(domain: str | None, user: str | None) -> str:
+    """The scope --domain / --user name ('' for the server), checked against the store."""
+    if domain is not None and user is not None:
+        raise typer.BadParameter("give --domain or --user, not both", param_hint="--user")
+    if domain is not None or user is not None:
+        require_home()          # a domain or user of a home that does not exist: nothing to change
+    return guarded(lambda: store().scope_of(domain=domain, user=user))
+
+
 def control():
     from mailbox_guard.control.client import ControlClient
     return ControlClient(state.home)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, emit, emit_json, fail, guarded, require_home, store
+from cli.common import JSON, emit, emit_json, fail, guarded, scope_of, store
 from mailbox_guard.checks import default_checks
 from mailbox_guard.model import Phase, check_attr
 from mailbox_guard.store.db import MODES
@@ -22,14 +22,6 @@ DOMAIN = typer.Option(None, "--domain", metavar="DOMAIN", help="A guarded domain
 USER = typer.Option(None, "--user", metavar="ADDRESS",
                     help="One address's own mode (a user, or any address of a guarded domain).")
 PHASES = [p.value for p in Phase]
-
-
-def _scope(domain: Optional[str], user: Optional[str]) -> str:
-    if domain is not None and user is not None:
-        raise typer.BadParameter("give --domain or --user, not both", param_hint="--user")
-    if domain is not None or user is not None:
-        require_home()          # a domain or user of a home that does not exist: nothing to change
-    return guarded(lambda: store().scope_of(domain=domain, user=user))
 
 
 def _label(scope: str) -> str:
@@ -90,7 +82,7 @@ def checks_list(domain: Optional[str] = DOMAIN, user: Optional[str] = USER, as_j
 
     Example: mailbox-guard checks list --domain example.org --json
     """
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     modes = _modes()
     rows = [_row(i, c, modes.get(c.name, {}), scope) for i, c in enumerate(default_checks(), 1)]
     if as_json:
@@ -126,7 +118,7 @@ def checks_mode(name: str = typer.Argument(..., help="A check's name (see `check
                  "as nothing may weaken relay control")
         typer.echo(f"{name} is always enforced")
         return
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     guarded(lambda: store().set_check_mode(name, value, scope))
     typer.echo(f"{name} = {value} at {_label(scope)}")
 
@@ -140,7 +132,7 @@ def checks_reset(name: str = typer.Argument(..., help="A check's name (see `chec
     Example: mailbox-guard checks reset rcpt_recipients --domain example.org
     """
     check = _check(name)
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     removed = guarded(lambda: store().reset_check_mode(name, scope))
     mode, source = _effective(check, _modes().get(name, {}), scope)
     if removed:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, require_home, store
+from cli.common import JSON, YES, confirm, emit, emit_json, fail, guarded, scope_of, store
 from mailbox_guard.config import SETTINGS, SettingError
 from mailbox_guard.store.policyfile import (apply_policy, diff_policy, dump_policy, merge, parse_policy, read_policy,
                                       read_state)
@@ -27,15 +27,6 @@ DOMAIN = typer.Option(None, "--domain", metavar="DOMAIN",
                       help="A guarded domain's own value (scoped settings only).")
 USER = typer.Option(None, "--user", metavar="ADDRESS",
                     help="One address's own value (a user, or any address of a guarded domain).")
-
-
-def _scope(domain: Optional[str], user: Optional[str]) -> str:
-    """The scope --domain / --user name ('' for the server), checked against the store."""
-    if domain is not None and user is not None:
-        raise typer.BadParameter("give --domain or --user, not both", param_hint="--user")
-    if domain is not None or user is not None:
-        require_home()          # a domain or user of a home that does not exist: nothing to change
-    return guarded(lambda: store().scope_of(domain=domain, user=user))
 
 
 def _label(scope: str) -> str:
@@ -75,7 +66,7 @@ def config_show(changed: bool = typer.Option(False, "--changed",
 
     Example: mailbox-guard config show --user bob@example.org
     """
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     st = store()
     if scope:
         rows = guarded(lambda: effective(st, scope))
@@ -126,7 +117,7 @@ def config_set(key: str = typer.Argument(..., help="Setting name."),
 
     Example: mailbox-guard config set actions.reject 10 --domain example.org
     """
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     st = store()
     guarded(lambda: st.set_scoped_setting(scope, key, value))
     typer.echo(f"{key} = {value}" + (f" ({_label(scope)})" if scope else ""))
@@ -140,7 +131,7 @@ def config_unset(key: str = typer.Argument(..., help="Setting name."),
 
     Example: mailbox-guard config unset actions.reject --domain example.org
     """
-    scope = _scope(domain, user)
+    scope = scope_of(domain, user)
     st = store()
     guarded(lambda: st.unset_scoped_setting(scope, key))
     if not scope:

@@ -125,19 +125,17 @@ def outcome(recipient: str, results: Sequence[Result], scope, mode_of: ModeOf, *
         if r.forced and r.action in ASKED and (forced is None or SEVERITY[r.action] > SEVERITY[forced.action]):
             forced = r
     action, deciding = Action.ACCEPT, None
+    reason = "exempt" if is_exempt else f"score {score:g} ({_thresholds_text(scope)})"
     if forced is not None:                  # overrides the score, whatever it reaches
         asked = forced
-        reason = ""
-    else:
-        reason = f"score {score:g} ({_thresholds_text(scope)})" if not is_exempt else "exempt"
-        if not is_exempt:
-            scored = by_score(score, scope)
-            if scored is not None:
-                action = scored
-    if asked is not None and (forced is not None or SEVERITY[asked.action] >= SEVERITY[action]):
+    elif not is_exempt:
+        scored = by_score(score, scope)
+        if scored is not None:
+            action = scored
+    if asked is not None and (asked is forced or SEVERITY[asked.action] >= SEVERITY[action]):
         action, deciding = asked.action, asked
         reason = f"{asked.check}: {asked.symbol}" + (f" ({asked.detail})" if asked.detail else "")
-        if forced is not None:
+        if asked is forced:
             reason += f"; forced, score {score:g} not applied"
     reply = None
     prefix = ""

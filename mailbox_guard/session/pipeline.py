@@ -9,8 +9,9 @@ DENYSOFT), never an accept and never a 5xx. It decides nothing: the results go t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 from mailbox_guard import replies
 from mailbox_guard.model import Action, Check, Context, Mode, Phase, Result, check_attr
@@ -42,6 +43,10 @@ class Pipeline:
         if name in self.fixed or scope is None:
             return self.defaults.get(name, Mode.ENFORCE)
         return scope.mode(name, self.defaults.get(name, Mode.ENFORCE))
+
+    def mode_of(self, scope) -> Callable[[str], Mode]:
+        """:meth:`mode` at one scope, as a function of the check's name."""
+        return functools.partial(self.mode, scope)
 
     async def run(self, ctx: Context, *, runs=None, stop=None) -> list[Result]:
         """Every result of the phase's checks. ``runs(name)`` says whether a check

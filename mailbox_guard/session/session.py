@@ -188,8 +188,7 @@ class Session:
     # ----------------------------------------------------------- helpers
     def _server_modes(self, policy):
         scope = policy.scope()
-        pipeline = self.pipeline
-        return scope, (lambda name: pipeline.mode(scope, name))
+        return scope, self.pipeline.mode_of(scope)
 
     def _runs(self, policy):
         defaults = self.pipeline.defaults
@@ -328,7 +327,7 @@ class Session:
                    else path.address.rpartition("@")[0] + "@" + path.domain_lc)
         scope = policy.scope(address)
         pipeline = self.pipeline
-        mode_of = lambda name: pipeline.mode(scope, name)   # noqa: E731
+        mode_of = pipeline.mode_of(scope)
         earlier = self.session_results + self.tx_results
         results = await pipeline.run(
             self._ctx(Phase.RCPT, policy, path.address, path, earlier, scope),
@@ -396,18 +395,16 @@ class Session:
         gates = self.pipeline.gates
         common = [r for r in earlier + results if r.check not in gates or r.action not in REFUSALS]
         outcomes = []
-        pipeline = self.pipeline
-        for rcpt in self.recipients:
-            rcpt_mode = (lambda s: (lambda name: pipeline.mode(s, name)))(rcpt.scope)
+        rcpt_modes = [self.pipeline.mode_of(rcpt.scope) for rcpt in self.recipients]
+        for rcpt, rcpt_mode in zip(self.recipients, rcpt_modes):
             own = [r for r in rcpt.results if r.check not in gates or r.action not in REFUSALS]
             outcomes.append(decide.outcome(rcpt.address, common + own, rcpt.scope, rcpt_mode,
                                            is_exempt=rcpt.exempt))
         kind, first = decide.combine(outcomes)
         now = time.time()
-        for rcpt, o in zip(self.recipients, outcomes):
-            if rcpt.scope.modes:
-                self._level_rows(rcpt, common, mode_of,
-                                 (lambda s: (lambda name: pipeline.mode(s, name)))(rcpt.scope), now)
+        for rcpt, rcpt_mode, o in zip(self.recipients, rcpt_modes, outcomes):
+            if rcpt.scope.modes != scope.modes:      # its level has modes of its own
+                self._level_rows(rcpt, common, mode_of, rcpt_mode, now)
             action = o.action
             if kind == "accept" and action is Action.REJECT:
                 action = Action.QUARANTINE

@@ -411,6 +411,7 @@ class Engine:
                              "agent_pid": self.delivery.agent.pid if self.delivery else None},
                 "store": {"commits": self.writer.commits if self.writer else 0,
                           "failures": self.writer.failures if self.writer else 0,
+                          "fsyncs": self.writer.fsyncs if self.writer else 0,
                           "writer_pid": self.writer.pid if self.writer else None},
                 "dns": self.dns.stats() if self.dns else {},
                 "subscribers": self.events.subscribers,

@@ -66,37 +66,77 @@ def test_a_job_error_comes_back_as_the_same_exception(tmp_path):
     assert writer.pid is None
 
 
-def _synchronous_seen(conn, items):
-    """A job run in bulk: the synchronous mode its batch commits with (2 FULL, 1 NORMAL)."""
-    mode = conn.execute("PRAGMA synchronous").fetchone()[0]
-    return [mode] * len(items)
+def _bulk_noop(conn, items):
+    return [conn.execute("PRAGMA synchronous").fetchone()[0]] * len(items)
 
 
-def test_lazy_batches_commit_without_an_fsync_and_every_other_batch_with_one(tmp_path):
-    """A batch of lazy jobs only (the end of a delivery) commits with synchronous=NORMAL;
-    any batch with a job that is not lazy (a new message before its 250) with FULL,
-    also when lazy jobs share it."""
+def test_durable_jobs_are_answered_after_an_fsync_and_lazy_batches_without_one(tmp_path):
+    """The writer commits with synchronous=OFF and fsyncs the WAL itself before it
+    answers: a batch with a job that is not lazy (a new message before its 250) is
+    answered after an fsync, also when lazy jobs share it; a batch of lazy jobs
+    only (the end of a delivery) is answered without one."""
     db = tmp_path / "s.db"
     store.initialise(db)
     writer = Writer(db).start()
 
     async def main():
-        alone_lazy = await writer.run_many(_synchronous_seen, "a", lazy=True)
-        durable = await writer.run_many(_synchronous_seen, "b")
-        again_lazy = await writer.run_many(_synchronous_seen, "c", lazy=True)
-        slow = asyncio.ensure_future(writer.run(_slow_job))       # the next two queue behind it
-        await asyncio.sleep(0.05)
-        mixed = await asyncio.gather(writer.run_many(_synchronous_seen, "d", lazy=True),
-                                     writer.run_many(_synchronous_seen, "e"))
-        await slow
-        return alone_lazy, durable, again_lazy, mixed, await writer.run(_insert_job, "after")
+        seen = []
+
+        async def step(job):
+            before = (writer.commits, writer.fsyncs)
+            result = await job
+            seen.append((result, writer.commits - before[0], writer.fsyncs - before[1]))
+        await step(writer.run_many(_bulk_noop, "a", lazy=True))
+        await step(writer.run_many(_bulk_noop, "b"))
+        await step(writer.run_many(_bulk_noop, "c", lazy=True))
+        # Sent in the same turn of the loop, the next two leave in one write: one batch.
+        await step(asyncio.gather(writer.run_many(_bulk_noop, "d", lazy=True), writer.run_many(_bulk_noop, "e")))
+        return seen, await writer.run(_insert_job, "after")
     try:
-        alone_lazy, durable, again_lazy, mixed, inserted = asyncio.run(main())
+        seen, inserted = asyncio.run(main())
     finally:
         writer.close()
-    assert (alone_lazy, durable, again_lazy) == (1, 2, 1)
-    assert mixed == [2, 2]
+    # (result: every commit of the writer runs with synchronous=OFF, 0)
+    assert seen == [(0, 1, 0), (0, 1, 1), (0, 1, 0), ([0, 0], 1, 1)]
     assert inserted == 1 and "after" in _keys(db)
+
+
+def test_a_failed_fsync_fails_the_jobs_waiting_for_it_and_ends_the_writer(tmp_path, monkeypatch):
+    """Linux may drop pages it could not write and report the next fsync as a
+    success: after a failed fsync nothing the writer commits can be trusted, so the
+    waiting jobs fail and the process ends (the engine starts a new writer)."""
+    import socket as socketlib
+    from mailbox_guard.store import writer as writer_mod
+    db = tmp_path / "s.db"
+    store.initialise(db)
+    conn = store.connect(db)
+    ours, theirs = socketlib.socketpair()
+    answers, exits = [], []
+    monkeypatch.setattr(writer_mod.os, "fsync", _failing_fsync_for(str(db) + "-wal"))
+
+    monkeypatch.setattr(writer_mod.os, "_exit", exits.append)
+    committer = writer_mod._Committer(conn, str(db), 5.0, ours, answers.extend)
+    try:
+        committer._commit(conn, [writer_mod._Job(7, _insert_job, (("k",), {}), False)])
+        committer._syncer.join(5)
+    finally:
+        committer.stop_checkpoints()
+        conn.close()
+        ours.close()
+        theirs.close()
+    assert exits == [3]
+    assert len(answers) == 1 and answers[0][0] == 7 and answers[0][1] is None
+    assert isinstance(answers[0][2], sqlite3.OperationalError) and "fsync" in str(answers[0][2])
+
+
+def _failing_fsync_for(wal: str):
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(wal):
+            raise OSError(5, "Input/output error")
+        return real(fd)
+    return fsync
 
 
 def test_a_store_the_writer_cannot_open_is_one_error_at_start(tmp_path):

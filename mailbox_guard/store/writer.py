@@ -10,7 +10,8 @@ way).
 
 ``await writer.run(fn, *args, **kwargs)`` runs ``fn(conn, *args, **kwargs)`` in the writer process,
 inside a transaction shared with every other job queued meanwhile, and returns (the
-result, or raises the job's exception) only after COMMIT (fsync) succeeded. ``fn``
+result, or raises the job's exception) only after COMMIT and the fsync of the WAL
+that covers it succeeded (the fsync is pipelined: see ``_Committer``). ``fn``
 is a module-level function and ``args`` and the result are plain data: they cross
 a socket, pickled. Each job has its own savepoint when one of a batch fails, so one
 failing job does not spoil the others; a failed COMMIT (disk full, read-only, locked
@@ -24,10 +25,10 @@ jobs that depend on no other job of their batch (new messages, the end of a deli
 attempt).
 
 ``lazy=True`` (the end of a delivery attempt): the job needs no fsync of its own. A
-batch of lazy jobs only commits with ``synchronous=NORMAL``: safe from a crash of
-any process (the WAL is in the page cache), and made durable on disk by the next
-commit that fsyncs (every batch with a new message in it: its 250 waits for that
-fsync, which covers the WAL before it). Only a power loss can undo such a batch, and
+batch of lazy jobs only is answered at its COMMIT, without waiting for an fsync:
+safe from a crash of any process (the WAL is in the page cache), and made durable
+on disk by the next fsync (every batch with a new message in it: its 250 waits for
+that fsync, which covers the WAL before it). Only a power loss can undo such a batch, and
 then the message is delivered again (at worst a duplicate, never a loss, as with
 any lease). A finished delivery then costs no fsync of its own.
 
@@ -43,7 +44,6 @@ import contextlib
 import logging
 import os
 import pickle
-import queue
 import socket
 import sqlite3
 import subprocess
@@ -75,6 +75,7 @@ class Writer:
         self._closed = False
         self.commits = 0
         self.failures = 0
+        self.fsyncs = 0
 
     # ------------------------------------------------------------------ process
     def start(self) -> "Writer":
@@ -155,7 +156,7 @@ class Writer:
         self._channel.send((job_id, fn, payload, many, lazy))
 
     def _answer(self, answer) -> None:
-        results, self.commits, self.failures = answer
+        results, self.commits, self.failures, self.fsyncs = answer
         for job_id, value, error in results:
             self._pending.settle(job_id, value, error)
 
@@ -186,31 +187,124 @@ class _Job:
 
 
 class _Committer:
-    """The group commit, in the writer process: a batch is every job queued while
-    the one before committed."""
+    """The group commit, in the writer process: a batch is every job that arrived
+    while the one before committed.
+
+    Durability is split from the commit (a pipelined group commit). The write
+    connection commits with ``synchronous=OFF``: COMMIT appends the batch to the WAL
+    and returns, with no fsync. The batch's answers then wait for the fsync thread,
+    which fsyncs the WAL file and only then sends them, while the next batch
+    already runs. One fsync covers every batch committed before it began, so under
+    load several batches share one, and no batch waits behind another's fsync.
+    This is what ``synchronous=FULL`` promises (the WAL on disk before COMMIT is
+    answered), kept by us: a job is answered only after the fsync that covers its
+    commit. A batch of lazy jobs only is answered at its commit (as NORMAL would:
+    safe from any process crash; made durable by the next fsync).
+
+    Checkpoints run on a connection of their own with ``synchronous=FULL`` (the WAL
+    is fsynced before pages are copied, the database file after), so a checkpoint
+    never copies what is not yet on disk. An fsync that fails leaves the WAL in an
+    unknown state (Linux may drop the pages it could not write and report success
+    the next time): the jobs waiting for it fail, and the writer process exits, so
+    the next job starts a new writer that reads the store afresh.
+    """
 
     MAX_BATCH = 256
     CHECKPOINT_INTERVAL = 0.5
+    _READ = 1 << 20
 
     def __init__(self, conn: sqlite3.Connection, path: str, busy_timeout: float,
-                 answer: Callable[[list], None]) -> None:
+                 sock: socket.socket, answer: Callable[[list], None]) -> None:
         self._conn = conn
         self._path = path
         self._busy_timeout = busy_timeout
+        self._sock = sock
+        self._inbuf = bytearray()
+        self._ready: list[_Job | None] = []
         self._answer = answer
-        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.commits = 0
         self.failures = 0
-        self._synchronous = "FULL"        # what connect() set and verified
+        self.fsyncs = 0
         # Checkpoints copy the WAL into the database file and fsync it: done by the
         # committing connection they would stall whichever client's commit crosses
         # the threshold. A separate thread checkpoints instead (PASSIVE: it never
         # blocks the writer), so commit latency is one WAL append and one fsync.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("PRAGMA synchronous = OFF")
+        if conn.execute("PRAGMA synchronous").fetchone()[0] != 0:
+            raise StoreError(f"store {path}: the writer cannot take over the WAL's fsync")
+        self._wal_path = path + "-wal"
+        self._wal_fd = -1
+        self._open_wal()
+        self._unsynced: list = []              # answers waiting for the next fsync
+        self._sync_cond = threading.Condition()
+        self._sync_stop = False
+        self._syncer = threading.Thread(target=self._sync_main, name="store-fsync", daemon=True)
+        self._syncer.start()
         self._stop_checkpoints = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_main, name="store-checkpoint",
                                               daemon=True)
         self._checkpointer.start()
+
+    # ------------------------------------------------------------------ durability
+    def _open_wal(self) -> None:
+        """The WAL file's descriptor for our fsyncs (the same inode SQLite writes: a
+        new one if the file was replaced). Its folder is fsynced once, so that the
+        file's name is on disk as well."""
+        fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
+        folder = os.open(os.path.dirname(self._wal_path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+        self._wal_fd = fd
+
+    def _fsync_wal(self) -> None:
+        try:
+            same = os.stat(self._wal_path).st_ino == os.fstat(self._wal_fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._open_wal()
+        os.fsync(self._wal_fd)
+        self.fsyncs += 1
+
+    def _sync_main(self) -> None:
+        while True:
+            with self._sync_cond:
+                while not self._unsynced and not self._sync_stop:
+                    self._sync_cond.wait()
+                if not self._unsynced:
+                    return
+                answers, self._unsynced = self._unsynced, []
+            try:
+                self._fsync_wal()
+            except OSError as exc:
+                log.critical("fsync of the WAL failed (%s): %d job(s) fail; the writer stops", exc,
+                             len(answers))
+                self.failures += len(answers)
+                self._answer([(job_id, None, sqlite3.OperationalError(f"fsync of the store failed: {exc}"))
+                              for job_id, _, _ in answers])
+                os._exit(3)          # the engine sees the writer gone and starts a new one
+                return               # (not reached)
+            self._answer(answers)
+
+    def _after_commit(self, answers: list, durable: bool) -> None:
+        if not durable:
+            self._answer(answers)
+            return
+        with self._sync_cond:
+            self._unsynced.extend(answers)
+            self._sync_cond.notify()
+
+    def stop_syncer(self) -> None:
+        """Answer what waits for an fsync, then end the fsync thread."""
+        with self._sync_cond:
+            self._sync_stop = True
+            self._sync_cond.notify()
+        self._syncer.join()
 
     def _checkpoint_main(self) -> None:
         conn = connect(self._path, busy_timeout=self._busy_timeout)
@@ -229,53 +323,66 @@ class _Committer:
         self._stop_checkpoints.set()
         self._checkpointer.join()
 
-    def run(self) -> None:
-        """Batches until the end of the stream (a None job)."""
-        conn = self._conn
+    # ------------------------------------------------------------------ jobs
+    def _receive(self, block: bool) -> bool:
+        """Read what the engine sent (waiting for it if ``block``) into ready jobs;
+        False at the end of the stream. The socket stays blocking (the fsync thread
+        sends answers on it): a read that must not wait says so itself."""
+        flags = 0 if block else socket.MSG_DONTWAIT
         while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            batch = [first]
+            try:
+                chunk = self._sock.recv(self._READ, flags)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as exc:
+                log.error("engine connection failed: %s", exc)
+                return False
+            if not chunk:
+                return False
+            self._inbuf += chunk
+            try:
+                frames = childproc.split_frames(self._inbuf)
+            except (ValueError, pickle.PickleError, EOFError, AttributeError, ImportError) as exc:
+                log.error("bad request from the engine: %s", exc)
+                return False
+            for f in frames:
+                self._ready.append(None if f is None else _Job(*f))
+            if frames:
+                flags = socket.MSG_DONTWAIT       # more only if it is already here
+            if len(self._ready) >= self.MAX_BATCH:
+                return True
+
+    def run(self) -> None:
+        """Batches until the end of the stream (a None job, or the socket closed)."""
+        conn = self._conn
+        more = True
+        while True:
+            if more and len(self._ready) < self.MAX_BATCH:
+                more = self._receive(block=not self._ready)
+            if not more:
+                self._ready.append(None)
+            batch: list[_Job] = []
             stop = False
-            while len(batch) < self.MAX_BATCH:
-                try:
-                    job = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
+            taken = 0
+            for job in self._ready:
+                taken += 1
                 if job is None:
                     stop = True
                     break
                 batch.append(job)
-            self._commit(conn, batch)
+                if len(batch) >= self.MAX_BATCH:
+                    break
+            del self._ready[:taken]
+            if batch:
+                self._commit(conn, batch)
             if stop:
                 return
-
-    def _sync_for(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        """FULL (fsync at COMMIT) unless every job of the batch is lazy."""
-        wanted = "NORMAL" if all(job.lazy for job in batch) else "FULL"
-        if wanted == self._synchronous:
-            return
-        try:
-            conn.execute(f"PRAGMA synchronous = {wanted}")
-            self._synchronous = wanted
-        except sqlite3.Error as exc:
-            # Whatever it is now, a durable batch must not commit without its fsync.
-            self._synchronous = "unknown"
-            if wanted == "FULL":
-                raise
-            log.warning("cannot relax synchronous for a lazy batch: %s", exc)
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         # The usual batch has no failing job: run it without a savepoint per job (two
         # statements fewer per job). If a job fails, the transaction is rolled back
         # and the batch runs again job by job, each in its own savepoint, so that one
         # failing job does not spoil the others.
-        try:
-            self._sync_for(conn, batch)
-        except sqlite3.Error as exc:
-            self._fail_all(batch, exc)
-            return
         outcomes = self._run_plain(conn, batch)
         if outcomes is not None:
             self._finish(conn, batch, outcomes)
@@ -357,7 +464,7 @@ class _Committer:
                 self.failures += 1
             if job.id is not None:
                 answers.append((job.id, result, error))
-        self._answer(answers)
+        self._after_commit(answers, durable=not all(job.lazy for job in batch))
 
     def _fail_all(self, batch: list[_Job], exc: BaseException) -> None:
         self.failures += len(batch)
@@ -388,33 +495,26 @@ def child_main() -> None:
 
     def answer(results: list) -> None:
         portable = [(i, v, None if e is None else childproc.portable_error(e)) for i, v, e in results]
+        counts = (committer.commits, committer.failures, committer.fsyncs)
         try:
-            send((portable, committer.commits, committer.failures))
+            send((portable, *counts))
         except pickle.PicklingError as exc:     # a job returned something that cannot travel
             log.error("a store job's result cannot be sent back: %s", exc)
             send(([(i, None, RuntimeError(f"store job result not sendable: {exc}")) for i, _, _ in portable],
-                  committer.commits, committer.failures))
+                  *counts))
         except OSError as exc:                   # the engine is gone: nobody to tell
             log.warning("engine gone before %d answer(s) could be sent: %s", len(portable), exc)
 
-    committer = _Committer(conn, path, busy_timeout, answer)
-
-    def reader() -> None:
-        try:
-            while True:
-                frame = childproc.read_frame(sock)
-                if frame is None:
-                    break
-                committer.jobs.put(_Job(*frame))
-        except (OSError, ValueError, pickle.PickleError, EOFError, AttributeError, ImportError) as exc:
-            log.error("bad request from the engine: %s", exc)
-        committer.jobs.put(None)
-
-    threading.Thread(target=reader, name="store-writer-reader", daemon=True).start()
+    try:
+        committer = _Committer(conn, path, busy_timeout, sock, answer)
+    except (OSError, sqlite3.Error, StoreError) as exc:
+        send(("failed", f"store {path}: cannot start the store writer: {exc}"))
+        sys.exit(1)
     send(("ready",))
     try:
         committer.run()
     finally:
+        committer.stop_syncer()
         committer.stop_checkpoints()
         conn.close()
         with contextlib.suppress(OSError):

@@ -430,9 +430,15 @@ class Engine:
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            await self.shutdown()
+            # A second SIGTERM or SIGINT while draining (systemd and a terminal both
+            # may send more than one) must not kill the engine in mid-shutdown: the
+            # handlers stay until the shutdown is done.
+            loop.remove_signal_handler(signal.SIGHUP)
+            try:
+                await self.shutdown()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
 
     async def _sighup(self) -> None:
         try:

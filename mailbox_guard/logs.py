@@ -43,6 +43,7 @@ class LineWriter(logging.Handler):
         self.stream = stream if stream is not None else sys.stderr
         self._lines: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="log-writer", daemon=True)
+        self._stopping = threading.Event()
         self._second = -1
         self._stamp = ""
         self.lost = 0          # lines the stream refused; said on the next line that gets through
@@ -66,6 +67,7 @@ class LineWriter(logging.Handler):
         """Every line queued so far is written before this returns."""
         if self._thread.is_alive():
             self._lines.put(None)
+            self._stopping.set()
             self._thread.join()
 
     def _main(self) -> None:
@@ -95,7 +97,8 @@ class LineWriter(logging.Handler):
                 return
             # Lines that come meanwhile wait for the next round: one wake-up of this
             # thread (and one write) per interval under load, not one per line.
-            time.sleep(self.INTERVAL)
+            # (stop() cuts the pause short: the engine's exit never waits for it.)
+            self._stopping.wait(self.INTERVAL)
 
     def _line(self, item: tuple) -> str:
         created, level, name, text = item

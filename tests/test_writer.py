@@ -66,7 +66,8 @@ def test_a_job_error_comes_back_as_the_same_exception(tmp_path):
     assert writer.pid is None
 
 
-def _bulk_noop(conn, items):
+def _synchronous_seen(conn, items):
+    """A job run in bulk: the synchronous mode its batch commits with (0 is OFF)."""
     return [conn.execute("PRAGMA synchronous").fetchone()[0]] * len(items)
 
 
@@ -86,11 +87,11 @@ def test_durable_jobs_are_answered_after_an_fsync_and_lazy_batches_without_one(t
             before = (writer.commits, writer.fsyncs)
             result = await job
             seen.append((result, writer.commits - before[0], writer.fsyncs - before[1]))
-        await step(writer.run_many(_bulk_noop, "a", lazy=True))
-        await step(writer.run_many(_bulk_noop, "b"))
-        await step(writer.run_many(_bulk_noop, "c", lazy=True))
+        await step(writer.run_many(_synchronous_seen, "a", lazy=True))
+        await step(writer.run_many(_synchronous_seen, "b"))
+        await step(writer.run_many(_synchronous_seen, "c", lazy=True))
         # Sent in the same turn of the loop, the next two leave in one write: one batch.
-        await step(asyncio.gather(writer.run_many(_bulk_noop, "d", lazy=True), writer.run_many(_bulk_noop, "e")))
+        await step(asyncio.gather(writer.run_many(_synchronous_seen, "d", lazy=True), writer.run_many(_synchronous_seen, "e")))
         return seen, await writer.run(_insert_job, "after")
     try:
         seen, inserted = asyncio.run(main())

@@ -284,7 +284,7 @@ class _Committer:
             except OSError as exc:
                 log.critical("fsync of the WAL failed (%s): %d job(s) fail; the writer stops", exc,
                              len(answers))
-                self.failures += len(answers)
+                self.failures += sum(1 for _, _, error in answers if error is None)
                 self._answer([(job_id, None, sqlite3.OperationalError(f"fsync of the store failed: {exc}"))
                               for job_id, _, _ in answers])
                 os._exit(3)          # the engine sees the writer gone and starts a new one
@@ -359,8 +359,8 @@ class _Committer:
         while True:
             if more and len(self._ready) < self.MAX_BATCH:
                 more = self._receive(block=not self._ready)
-            if not more:
-                self._ready.append(None)
+                if not more:
+                    self._ready.append(None)      # the end, after what arrived before it
             batch: list[_Job] = []
             stop = False
             taken = 0

@@ -231,6 +231,11 @@ class _Committer:
         # blocks the writer), so commit latency is one WAL append and one fsync.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         conn.execute("PRAGMA synchronous = OFF")
+        # Statement journals and the ephemeral tables of UPDATE ... FROM (VALUES ...)
+        # in memory: as files (SQLite's default) each was a file created, written and
+        # unlinked in /var/tmp, about every sixth message, and half the writer's
+        # system time. The writer's statements touch a few hundred rows at most.
+        conn.execute("PRAGMA temp_store = MEMORY")
         if conn.execute("PRAGMA synchronous").fetchone()[0] != 0:
             raise StoreError(f"store {path}: the writer cannot take over the WAL's fsync")
         self._wal_path = path + "-wal"

@@ -6,17 +6,25 @@ in one write when the next hop advertises PIPELINING, then the body in one write
 dot-stuffed here (the body it is given already has CRLF line endings only; see
 ``delivery.to_wire``). It upgrades to TLS with STARTTLS when offered (opportunistic,
 unauthenticated, like Postfix's ``may`` level). Every read has a deadline.
+
+It is an ``asyncio.Protocol``, not a stream: replies are parsed as the bytes arrive
+(one pass over each chunk, however many replies it holds) and a waiting transaction
+is woken once per chunk, not once per line. What the next hop may make it hold is
+bounded: a line, the lines of a reply, and the replies it was not asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
+from collections import deque
 from dataclasses import dataclass
 
 _MAX_REPLY_LINES = 100
-_LINE_LIMIT = 4096
+_LINE_LIMIT = 16384          # one reply line, its end included
+_UNASKED = 16                # replies beyond those owed before the connection is dropped
 
 
 class SmtpClientError(Exception):
@@ -66,10 +74,126 @@ def opportunistic_tls_context() -> ssl.SSLContext:
     return ctx
 
 
+class _Wire(asyncio.Protocol):
+    """The connection's bytes: whole replies queued as they arrive, the first
+    malformed one (or too long, or unasked for) ends the connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.replies: deque[Reply] = deque()
+        self.owed = 0                  # replies to commands sent and not read yet
+        self.error: str | None = None  # why the connection is unusable
+        self.closed = False
+        self.waiter: asyncio.Future | None = None
+        self._partial = b""            # the start of a line
+        self._lines: list[str] = []    # the lines of a reply so far
+        self._code = 0
+        self._paused = False
+        self._drained: asyncio.Future | None = None
+
+    # ------------------------------------------------------------ asyncio
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        if self._partial:
+            data = self._partial + data
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            if end - start >= _LINE_LIMIT or not self._line(data[start:end]):
+                self._fail(self.error or "reply line too long")
+                return
+            start = end + 1
+        self._partial = data[start:]
+        if len(self._partial) >= _LINE_LIMIT:
+            self._fail("reply line too long")
+            return
+        if len(self.replies) > self.owed + _UNASKED:
+            self.replies.clear()           # none of them can be trusted to answer anything
+            self._fail("replies nobody asked for")
+            return
+        self._wake()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._wake()
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    # ------------------------------------------------------------ replies
+    def _line(self, raw: bytes) -> bool:
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+            self.error = f"malformed reply {line[:80]!r}"
+            return False
+        code = int(line[:3])
+        if self._lines and code != self._code:
+            self.error = "inconsistent multi-line reply"
+            return False
+        self._code = code
+        self._lines.append(line[4:])
+        if line[3:4] != "-":
+            self.replies.append(Reply(code, "\n".join(self._lines)))
+            self._lines = []
+        elif len(self._lines) > _MAX_REPLY_LINES:
+            self.error = "reply too long"
+            return False
+        return True
+
+    def _fail(self, why: str) -> None:
+        self.error = why
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done() and (self.replies or self.error or self.closed):
+            waiter.set_result(True)
+
+    def forget(self) -> None:
+        """Drop whatever arrived unread (before TLS: nothing sent in clear may count)."""
+        self.replies.clear()
+        self._partial = b""
+        self._lines = []
+
+    async def drained(self, timeout: float) -> bool:
+        """False if the next hop did not take our bytes within ``timeout``."""
+        if not self._paused or self.closed:
+            return True
+        loop = asyncio.get_running_loop()
+        self._drained = future = loop.create_future()
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            return await future is not False
+        finally:
+            timer.cancel()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(False)
+
+
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 command_timeout: float, name: str) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, transport: asyncio.Transport, wire: _Wire, *, command_timeout: float,
+                 name: str) -> None:
+        self.transport, self._wire = transport, wire
         self.command_timeout = command_timeout
         self.name = name
         self.extensions: dict[str, str] = {}
@@ -82,22 +206,23 @@ class Connection:
                    command_timeout: float, name: str | None = None,
                    tls: ssl.SSLContext | None = None) -> "Connection":
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=_LINE_LIMIT * 4)
+                transport, wire = await loop.create_connection(_Wire, host, port)
         except ConnectionRefusedError:
             raise SmtpClientError(f"connection refused by {where}") from None
         except TimeoutError:
             raise SmtpClientError(f"no connection to {where} within {connect_timeout:g}s") from None
         except OSError as exc:
             raise SmtpClientError(f"cannot connect to {where}: {_os_text(exc)}") from None
-        conn = cls(reader, writer, command_timeout=command_timeout, name=name or host)
-        sock = writer.get_extra_info("socket")
+        conn = cls(transport, wire, command_timeout=command_timeout, name=name or host)
+        sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            wire.owed = 1
             banner = await conn.read_reply(timeout=connect_timeout)
             if banner.code != 220:
                 raise SmtpClientError(f"banner: {banner}")
@@ -105,11 +230,16 @@ class Connection:
             if tls is not None and "STARTTLS" in conn.extensions:
                 reply = await conn.command(b"STARTTLS")
                 if reply.code == 220:
+                    wire.forget()       # anything after the 220, in clear, is not the server's
                     try:
                         async with asyncio.timeout(connect_timeout):
-                            await writer.start_tls(tls, server_hostname=name or host)
+                            conn.transport = await loop.start_tls(transport, wire, tls,
+                                                                  server_hostname=name or host)
                     except (OSError, ssl.SSLError, TimeoutError) as exc:
                         raise SmtpClientError(f"TLS handshake with {where} failed: {_os_text(exc)}") from None
+                    if conn.transport is None:
+                        raise SmtpClientError(f"TLS handshake with {where} failed: connection closed")
+                    wire.transport = conn.transport
                     conn.tls = True
                     await conn.ehlo(helo)
         except BaseException:
@@ -137,66 +267,51 @@ class Connection:
 
     async def read_replies(self, count: int, timeout: float | None = None) -> list[Reply]:
         """``count`` replies in a row (to pipelined commands), each within ``timeout``
-        (default: the command timeout) of the one before: one timer for all of them."""
+        (default: the command timeout) of the one before."""
         per_reply = timeout or self.command_timeout
+        wire = self._wire
         out: list[Reply] = []
-        try:
-            async with asyncio.timeout(per_reply) as deadline:
-                for _ in range(count):
-                    if out:
-                        deadline.reschedule(asyncio.get_running_loop().time() + per_reply)
-                    out.append(await self._reply())
-        except TimeoutError:
-            self.broken = True
-            raise SmtpClientError("timeout waiting for a reply") from None
-        except (OSError, ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
-            self.broken = True
-            raise SmtpClientError(f"read failed: {_os_text(exc)}") from None
-        except SmtpClientError:
-            self.broken = True
-            raise
+        loop = None
+        while len(out) < count:
+            if wire.replies:
+                out.append(wire.replies.popleft())
+                wire.owed = max(0, wire.owed - 1)
+                continue
+            if wire.error is not None or wire.closed:
+                self.broken = True
+                raise SmtpClientError(wire.error or "connection closed by the next hop")
+            loop = loop or asyncio.get_running_loop()
+            wire.waiter = future = loop.create_future()
+            timer = loop.call_later(per_reply, _expire, future)
+            try:
+                woken = await future
+            finally:
+                timer.cancel()
+                wire.waiter = None
+            if not woken:
+                self.broken = True
+                raise SmtpClientError("timeout waiting for a reply")
         return out
 
-    async def _reply(self) -> Reply:
-        lines: list[str] = []
-        code = None
-        while True:
-            raw = await self.reader.readline()
-            if not raw.endswith(b"\n"):
-                raise SmtpClientError("connection closed by the next hop")
-            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
-                raise SmtpClientError(f"malformed reply {line[:80]!r}")
-            if code is not None and int(line[:3]) != code:
-                raise SmtpClientError("inconsistent multi-line reply")
-            code = int(line[:3])
-            lines.append(line[4:])
-            if line[3:4] != "-":
-                return Reply(code, "\n".join(lines))
-            if len(lines) > _MAX_REPLY_LINES:
-                raise SmtpClientError("reply too long")
-
-    def _write(self, data: bytes) -> None:
-        if self.writer.is_closing():
+    def _write(self, data: bytes, replies: int) -> None:
+        if self.broken or self._wire.closed or self.transport.is_closing():
             self.broken = True
             raise SmtpClientError("connection closed")
-        self.writer.write(data)
+        self._wire.owed += replies
+        self.transport.write(data)
 
     async def _drain(self) -> None:
-        transport = self.writer.transport
-        if transport is not None and not transport.is_closing() and not transport.get_write_buffer_size():
-            return            # the kernel took it all: nothing to wait for
-        try:
-            async with asyncio.timeout(self.command_timeout):
-                await self.writer.drain()
-        except (OSError, TimeoutError) as exc:
+        if not await self._wire.drained(self.command_timeout):
             self.broken = True
-            raise SmtpClientError(f"write failed: {_os_text(exc)}") from None
+            raise SmtpClientError("write failed: timed out")
+        if self._wire.closed:
+            self.broken = True
+            raise SmtpClientError("write failed: connection closed")
 
     async def command(self, line: bytes) -> Reply:
         if b"\r" in line or b"\n" in line:
             raise ValueError("command with a line break")
-        self._write(line + b"\r\n")
+        self._write(line + b"\r\n", 1)
         await self._drain()
         return await self.read_reply()
 
@@ -218,7 +333,7 @@ class Connection:
             if b"\r" in c or b"\n" in c:
                 raise ValueError("address with a line break")
         if "PIPELINING" in self.extensions:
-            self._write(b"".join(c + b"\r\n" for c in commands) + b"DATA\r\n")
+            self._write(b"".join(c + b"\r\n" for c in commands) + b"DATA\r\n", len(rcpts) + 2)
             await self._drain()
             mail, *rcpt_replies, data_start = await self.read_replies(len(rcpts) + 2)
         else:
@@ -234,7 +349,7 @@ class Connection:
                 # DATA itself refused although someone was accepted: that is the answer.
                 return Transaction(mail, rcpt_replies, data_start)
             return Transaction(mail, rcpt_replies, None)
-        self._write((wire if wire_ready else dot_stuff(wire)) + b".\r\n")
+        self._write((wire if wire_ready else dot_stuff(wire)) + b".\r\n", 1)
         await self._drain()
         return Transaction(mail, rcpt_replies, await self.read_reply())
 
@@ -246,15 +361,18 @@ class Connection:
 
     async def quit(self) -> None:
         with contextlib.suppress(SmtpClientError, OSError):
-            self._write(b"QUIT\r\n")
+            self._write(b"QUIT\r\n", 1)
             await self.read_reply(timeout=2)
         self.close()
 
     @property
     def usable(self) -> bool:
-        return not self.broken and not self.writer.is_closing() and not self.reader.at_eof()
+        """Open, and nothing arrived unasked (an idle connection's 421, say)."""
+        wire = self._wire
+        return (not self.broken and not wire.closed and wire.error is None and not wire.replies
+                and not self.transport.is_closing())
 
     def close(self) -> None:
         self.broken = True
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.transport.close()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import trustme
+import uvloop
 
 from mailbox_guard.delivery.client import Connection, SmtpClientError, opportunistic_tls_context
 
@@ -84,7 +85,19 @@ async def connect(hop: Hop, **kw) -> Connection:
     return conn
 
 
+LOOP = {"kind": "asyncio"}
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def loop_kind(request):
+    """Each test on asyncio's own loop and on uvloop (the delivery agent's)."""
+    LOOP["kind"] = request.param
+    yield request.param
+
+
 def run(coro):
+    if LOOP["kind"] == "uvloop":
+        return uvloop.run(asyncio.wait_for(coro, 30))
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
@@ -236,6 +249,7 @@ def test_starttls_to_the_next_hop_and_nothing_sent_in_clear_counts():
                 return b"250-hop.test secure\r\n250 PIPELINING\r\n"
             return b"250-hop.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
         if line == b"STARTTLS":
+            # (one write: the 220 and the injection arrive together, before the handshake)
             return b"STARTTLS:220 go ahead\r\n250-injected\r\n250 INJECTED\r\n"
         return ok_transaction(line, secure)
 
@@ -249,4 +263,51 @@ def test_starttls_to_the_next_hop_and_nothing_sent_in_clear_counts():
             assert any(line.startswith(b"MAIL") for line in hop.tls_lines)
             assert not any(line.startswith(b"MAIL") for line in hop.lines)
             conn.close()
+    run(main())
+
+
+def test_a_next_hop_that_stops_reading_mid_body_is_dropped_with_the_body():
+    """The drain deadline ends the transaction; closing then drops the connection and
+    what we had not sent yet (a graceful close would wait for a reader that never comes)."""
+    received = []
+    stalled = asyncio.Event()
+
+    class Staller(Hop):
+        async def _serve(self, reader, writer):
+            self._writers.append(writer)
+            writer.write(self.banner)
+            while line := await reader.readline():
+                line = line.rstrip(b"\r\n")
+                if line.upper().startswith(b"EHLO"):
+                    writer.write(EHLO)
+                elif line == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    break
+                elif line.startswith((b"MAIL", b"RCPT")):
+                    writer.write(b"250 ok\r\n")
+            await stalled.wait()               # not reading: the client's buffers fill up
+            total = 0
+            try:
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                    total += len(chunk)
+            except (ConnectionError, asyncio.TimeoutError):
+                pass
+            received.append(total)
+
+    async def main():
+        body = b"x" * 998 + b"\r\n"
+        wire = body * (48 * 1024)              # 48 MB, far beyond loopback's buffers
+        async with Staller(None) as hop:
+            conn = await connect(hop, command_timeout=0.5)
+            started = time.monotonic()
+            with pytest.raises(SmtpClientError, match="write failed: timed out"):
+                await conn.send("a@x.test", ["b@y.test"], wire, wire_ready=True)
+            assert time.monotonic() - started < 5
+            conn.close()
+            stalled.set()
+            for _ in range(100):
+                if received:
+                    break
+                await asyncio.sleep(0.1)
+            assert received and received[0] < len(wire) // 2
     run(main())

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 _MAX_REPLY_LINES = 100
 _LINE_LIMIT = 16384          # one reply line, its end included
 _UNASKED = 16                # replies beyond those owed before the connection is dropped
+_QUEUED_TEXT = 1 << 20       # reply text received and not read yet, at most
 
 
 class SmtpClientError(Exception):
@@ -88,6 +89,7 @@ class _Wire(asyncio.Protocol):
         self._partial = b""            # the start of a line
         self._lines: list[str] = []    # the lines of a reply so far
         self._code = 0
+        self._queued = 0               # bytes of text in self.replies
         self._paused = False
         self._drained: asyncio.Future | None = None
 
@@ -113,13 +115,11 @@ class _Wire(asyncio.Protocol):
         if len(self._partial) >= _LINE_LIMIT:
             self._fail("reply line too long")
             return
-        if len(self.replies) > self.owed + _UNASKED:
-            self.replies.clear()           # none of them can be trusted to answer anything
-            self._fail("replies nobody asked for")
-            return
         self._wake()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = f"read failed: {_os_text(exc)}"
         self.closed = True
         self._wake()
         drained, self._drained = self._drained, None
@@ -148,8 +148,14 @@ class _Wire(asyncio.Protocol):
         self._code = code
         self._lines.append(line[4:])
         if line[3:4] != "-":
-            self.replies.append(Reply(code, "\n".join(self._lines)))
+            text = "\n".join(self._lines)
             self._lines = []
+            self.replies.append(Reply(code, text))
+            self._queued += len(text)
+            if len(self.replies) > self.owed + _UNASKED or self._queued > _QUEUED_TEXT:
+                self.replies.clear()       # none of them can be trusted to answer anything
+                self.error = "replies nobody asked for"
+                return False
         elif len(self._lines) > _MAX_REPLY_LINES:
             self.error = "reply too long"
             return False
@@ -166,9 +172,21 @@ class _Wire(asyncio.Protocol):
         if waiter is not None and not waiter.done() and (self.replies or self.error or self.closed):
             waiter.set_result(True)
 
+    def take(self) -> Reply:
+        reply = self.replies.popleft()
+        self._queued -= len(reply.text)
+        self.owed = max(0, self.owed - 1)
+        return reply
+
+    @property
+    def idle(self) -> bool:
+        """Nothing received and not read, not even part of a line."""
+        return not self.replies and not self._partial and not self._lines
+
     def forget(self) -> None:
         """Drop whatever arrived unread (before TLS: nothing sent in clear may count)."""
         self.replies.clear()
+        self._queued = 0
         self._partial = b""
         self._lines = []
 
@@ -274,8 +292,7 @@ class Connection:
         loop = None
         while len(out) < count:
             if wire.replies:
-                out.append(wire.replies.popleft())
-                wire.owed = max(0, wire.owed - 1)
+                out.append(wire.take())
                 continue
             if wire.error is not None or wire.closed:
                 self.broken = True
@@ -285,6 +302,9 @@ class Connection:
             timer = loop.call_later(per_reply, _expire, future)
             try:
                 woken = await future
+            except asyncio.CancelledError:
+                self.broken = True          # cut off mid-exchange: out of step for good
+                raise
             finally:
                 timer.cancel()
                 wire.waiter = None
@@ -294,10 +314,15 @@ class Connection:
         return out
 
     def _write(self, data: bytes, replies: int) -> None:
-        if self.broken or self._wire.closed or self.transport.is_closing():
+        wire = self._wire
+        if self.broken or wire.closed or self.transport.is_closing():
             self.broken = True
             raise SmtpClientError("connection closed")
-        self._wire.owed += replies
+        if len(wire.replies) > wire.owed:
+            # A reply came before its command: it would be read as the answer to this one.
+            self.close()
+            raise SmtpClientError("reply out of step with the commands")
+        wire.owed += replies
         self.transport.write(data)
 
     async def _drain(self) -> None:
@@ -369,10 +394,17 @@ class Connection:
     def usable(self) -> bool:
         """Open, and nothing arrived unasked (an idle connection's 421, say)."""
         wire = self._wire
-        return (not self.broken and not wire.closed and wire.error is None and not wire.replies
+        return (not self.broken and not wire.closed and wire.error is None and wire.idle
                 and not self.transport.is_closing())
 
     def close(self) -> None:
+        """Closed in order when idle; dropped (its unsent bytes with it) when broken or
+        still sending: a next hop that stopped reading must not keep our socket and
+        our buffered body for as long as it likes."""
+        abort = self.broken or bool(self.transport.get_write_buffer_size())
         self.broken = True
         with contextlib.suppress(Exception):
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()

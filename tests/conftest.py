@@ -237,6 +237,12 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def log_with(self, text: str, timeout: float = 10) -> str:
+        """The log once it holds ``text`` (lines reach it from the engine's log thread,
+        a moment after the event)."""
+        self.wait_until(lambda: text in self.log(), timeout, what=f"log line with {text!r}")
+        return self.log()
+
     def smtp(self, timeout: float = 10) -> smtplib.SMTP:
         return smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=timeout)
 

@@ -45,7 +45,7 @@ def test_rejects_and_why_find_refused_recipients(gateway):
     ended = time.time()
 
     # Postfix's line, with the client address, for an admin's grep and fail2ban.
-    log = gateway.log()
+    log = gateway.log_with(f"to=<nobody@example.test> proto=ESMTP helo=<client.test> conn={conn_id}")
     assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 554 5.7.1 <x@other.test>: Relay access denied; "
             f"from=<alice@sender.test> to=<x@other.test> proto=ESMTP helo=<client.test> conn={conn_id}") in log
     assert ("NOQUEUE: reject: RCPT from unknown[127.0.0.1]: 550 5.1.1 <nobody@example.test>: Recipient address "

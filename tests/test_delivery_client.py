@@ -142,49 +142,40 @@ def test_a_transaction_with_replies_in_one_byte_chunks():
     run(main())
 
 
+async def send_with_mail_answered(answer: bytes | None, error: str, **kw) -> bool:
+    """A transaction to a next hop that answers MAIL with ``answer`` (b"CLOSE": hangs
+    up; None: says nothing) must fail with ``error``; whether the connection is still
+    usable right after (before the hop goes away)."""
+    async with Hop(ehlo_then(lambda line, s: answer if line.startswith(b"MAIL") else None)) as hop:
+        conn = await connect(hop, **kw)
+        with pytest.raises(SmtpClientError, match=error):
+            await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
+        return conn.usable
+
+
 def test_a_malformed_reply_ends_the_connection_with_its_text():
     async def main():
-        async with Hop(ehlo_then(lambda line, s: b"hello there\r\n" if line.startswith(b"MAIL") else None)) as hop:
-            conn = await connect(hop)
-            with pytest.raises(SmtpClientError, match="malformed reply 'hello there'"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
-            assert not conn.usable
+        assert not await send_with_mail_answered(b"hello there\r\n", "malformed reply 'hello there'")
     run(main())
 
 
 def test_an_inconsistent_multi_line_reply_is_refused():
-    async def main():
-        async with Hop(ehlo_then(lambda line, s: b"250-one\r\n550 two\r\n" if line.startswith(b"MAIL") else None)) as hop:
-            conn = await connect(hop)
-            with pytest.raises(SmtpClientError, match="inconsistent multi-line reply"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
-    run(main())
+    run(send_with_mail_answered(b"250-one\r\n550 two\r\n", "inconsistent multi-line reply"))
 
 
 def test_an_endless_reply_line_or_reply_is_cut_off():
     async def main():
-        huge = b"250 " + b"x" * 100_000 + b"\r\n"
-        async with Hop(ehlo_then(lambda line, s: huge if line.startswith(b"MAIL") else None)) as hop:
-            conn = await connect(hop)
-            with pytest.raises(SmtpClientError, match="reply line too long"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
-        many = b"250-x\r\n" * 500 + b"250 end\r\n"
-        async with Hop(ehlo_then(lambda line, s: many if line.startswith(b"MAIL") else None)) as hop:
-            conn = await connect(hop)
-            with pytest.raises(SmtpClientError, match="reply too long"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
+        await send_with_mail_answered(b"250 " + b"x" * 100_000 + b"\r\n", "reply line too long")
+        await send_with_mail_answered(b"250-x\r\n" * 500 + b"250 end\r\n", "reply too long")
     run(main())
 
 
 def test_a_silent_next_hop_times_out_at_the_command_deadline():
     async def main():
-        async with Hop(ehlo_then(lambda line, s: None)) as hop:
-            conn = await connect(hop, command_timeout=0.5)
-            started = time.monotonic()
-            with pytest.raises(SmtpClientError, match="timeout waiting for a reply"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
-            assert 0.4 < time.monotonic() - started < 3
-            assert not conn.usable
+        started = time.monotonic()
+        usable = await send_with_mail_answered(None, "timeout waiting for a reply", command_timeout=0.5)
+        assert 0.4 < time.monotonic() - started < 3
+        assert not usable
     run(main())
 
 
@@ -200,11 +191,7 @@ def test_a_silent_banner_times_out_at_the_connect_deadline():
 
 def test_a_next_hop_that_closes_mid_transaction():
     async def main():
-        async with Hop(ehlo_then(lambda line, s: b"CLOSE" if line.startswith(b"MAIL") else None)) as hop:
-            conn = await connect(hop)
-            with pytest.raises(SmtpClientError, match="connection closed by the next hop"):
-                await conn.send("a@x.test", ["b@y.test"], b"x\r\n")
-            assert not conn.usable
+        assert not await send_with_mail_answered(b"CLOSE", "connection closed by the next hop")
     run(main())
 
 

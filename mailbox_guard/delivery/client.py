@@ -122,18 +122,19 @@ class _Wire(asyncio.Protocol):
             self.error = f"read failed: {_os_text(exc)}"
         self.closed = True
         self._wake()
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self._release_drain()
 
     def pause_writing(self) -> None:
         self._paused = True
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._release_drain()
+
+    def _release_drain(self) -> None:
         drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        if drained is not None:
+            _settle(drained, None)
 
     # ------------------------------------------------------------ replies
     def _line(self, raw: bytes) -> bool:
@@ -168,9 +169,8 @@ class _Wire(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done() and (self.replies or self.error or self.closed):
-            waiter.set_result(True)
+        if self.waiter is not None and (self.replies or self.error or self.closed):
+            _settle(self.waiter, True)
 
     def take(self) -> Reply:
         reply = self.replies.popleft()
@@ -196,27 +196,32 @@ class _Wire(asyncio.Protocol):
             return True
         loop = asyncio.get_running_loop()
         self._drained = future = loop.create_future()
-        timer = loop.call_later(timeout, _expire, future)
+        timer = loop.call_later(timeout, _settle, future, False)
         try:
             return await future is not False
         finally:
             timer.cancel()
 
 
-def _expire(future: asyncio.Future) -> None:
+def _settle(future: asyncio.Future, value) -> None:
+    """A waiter's outcome, unless it has one already (a reply and its deadline may
+    come in the same turn of the loop)."""
     if not future.done():
-        future.set_result(False)
+        future.set_result(value)
 
 
 class Connection:
-    def __init__(self, transport: asyncio.Transport, wire: _Wire, *, command_timeout: float,
-                 name: str) -> None:
-        self.transport, self._wire = transport, wire
+    def __init__(self, wire: _Wire, *, command_timeout: float, name: str) -> None:
+        self._wire = wire
         self.command_timeout = command_timeout
         self.name = name
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.broken = False
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._wire.transport
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -234,7 +239,7 @@ class Connection:
             raise SmtpClientError(f"no connection to {where} within {connect_timeout:g}s") from None
         except OSError as exc:
             raise SmtpClientError(f"cannot connect to {where}: {_os_text(exc)}") from None
-        conn = cls(transport, wire, command_timeout=command_timeout, name=name or host)
+        conn = cls(wire, command_timeout=command_timeout, name=name or host)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -251,13 +256,12 @@ class Connection:
                     wire.forget()       # anything after the 220, in clear, is not the server's
                     try:
                         async with asyncio.timeout(connect_timeout):
-                            conn.transport = await loop.start_tls(transport, wire, tls,
-                                                                  server_hostname=name or host)
+                            secure = await loop.start_tls(transport, wire, tls, server_hostname=name or host)
                     except (OSError, ssl.SSLError, TimeoutError) as exc:
                         raise SmtpClientError(f"TLS handshake with {where} failed: {_os_text(exc)}") from None
-                    if conn.transport is None:
+                    if secure is None:
                         raise SmtpClientError(f"TLS handshake with {where} failed: connection closed")
-                    wire.transport = conn.transport
+                    wire.transport = secure
                     conn.tls = True
                     await conn.ehlo(helo)
         except BaseException:
@@ -289,7 +293,6 @@ class Connection:
         per_reply = timeout or self.command_timeout
         wire = self._wire
         out: list[Reply] = []
-        loop = None
         while len(out) < count:
             if wire.replies:
                 out.append(wire.take())
@@ -297,9 +300,9 @@ class Connection:
             if wire.error is not None or wire.closed:
                 self.broken = True
                 raise SmtpClientError(wire.error or "connection closed by the next hop")
-            loop = loop or asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
             wire.waiter = future = loop.create_future()
-            timer = loop.call_later(per_reply, _expire, future)
+            timer = loop.call_later(per_reply, _settle, future, False)
             try:
                 woken = await future
             except asyncio.CancelledError:
